@@ -1,0 +1,43 @@
+# attnmem: the two commands are `make test` (set-up + lint + tests) and `make demo`.
+# Everything installs into $(VENV); a fresh machine needs only Python 3.11 and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')
+
+.PHONY: test lint pytest build venv bench clean cuda-check
+
+venv: $(VENV)/.deps
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install numpy ninja pybind11 setuptools wheel
+	$(PIP) install --no-deps open-clip-torch
+	touch $@
+
+# Builds the extension in place (editable install); rebuilt when a C++/CUDA source changes.
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	$(PIP) install --no-build-isolation -e ".[test]"
+	touch $@
+
+lint: build
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+pytest: build
+	$(PY) -m pytest -q
+
+test: lint pytest
+
+bench: build
+	$(PY) bench/run_op_bench.py
+
+# Compiles the CUDA kernel against torch+CUDA (no GPU needed) and imports it.
+cuda-check:
+	bash bench/cuda_compile_check.sh
+
+clean:
+	rm -rf build *.egg-info attnmem/*.so $(VENV)/.built

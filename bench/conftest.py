@@ -1,0 +1,1 @@
+"""Benchmarks live outside the test run: `make bench` (or pytest bench/ --benchmark-only)."""

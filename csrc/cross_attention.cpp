@@ -1,0 +1,70 @@
+// attnmem::cross_attention: schema registration and the pybind11 module `attnmem._C`.
+//
+// The op (SPEC §2):
+//   cross_attention(q (B, Nq, H, D), k (B, Nk, H, D), v (B, Nk, H, D),
+//                   key_len (B,) int or None, bos_scale (B,) f32 or None, scale float or None,
+//                   stats bool, row_entropy bool)
+//     -> out (B, Nq, H, D) in q's dtype (contiguous, so `to_out` reads it without a copy),
+//        prob_sum (B, H, Nk) f32, ent_sum (B, H) f32, row_ent (B, H, Nq) f32
+//   Statistics that were not asked for are returned as empty tensors.
+//
+// Kernels are registered per dispatch key in cpu/cross_attention_cpu.cpp and
+// cuda/cross_attention_cuda.cu. The fake kernel and autograd formula live in attnmem/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/cross_attention_cpu.h"
+
+#ifdef ATTNMEM_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+
+namespace attnmem {
+std::vector<int64_t> cuda_head_dims();  // defined in cuda/cross_attention_cuda.cu
+}
+#endif
+
+#ifndef ATTNMEM_CUDA_ARCH_LIST
+#define ATTNMEM_CUDA_ARCH_LIST ""
+#endif
+
+TORCH_LIBRARY(attnmem, m) {
+  m.def(
+      "cross_attention(Tensor q, Tensor k, Tensor v, Tensor? key_len, Tensor? bos_scale, "
+      "float? scale, bool stats, bool row_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                          std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+  info["cpu"] = true;
+  info["cpu_simd_compiled"] = attnmem::cpu::simd_compiled();
+  info["cpu_simd_runtime"] = attnmem::cpu::simd_runtime();
+  info["max_keys"] = attnmem::kMaxKeys;
+#ifdef ATTNMEM_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." +
+                         std::to_string((CUDA_VERSION % 1000) / 10);
+  info["cuda_arch_list"] = std::string(ATTNMEM_CUDA_ARCH_LIST);
+  info["cuda_head_dims"] = attnmem::cuda_head_dims();
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_arch_list"] = std::string("");
+  info["cuda_head_dims"] = std::vector<int64_t>{};
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "attnmem compiled kernels: fused cross-attention with attention statistics";
+  m.def("build_info", &build_info, "What this module was built with: devices, versions, limits.");
+}

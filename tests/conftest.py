@@ -1,0 +1,47 @@
+"""Shared fixtures: devices (CUDA skipped visibly without a GPU) and CPU instruction-set paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnmem import _ext
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")],
+    ),
+]
+
+
+def cpu_isas() -> list[str]:
+    """The CPU kernel's paths this machine can run, best first (ATTNMEM_CPU_ISA caps the choice)."""
+    best = _ext.build_info().get("cpu_simd_runtime", "generic") if _ext.extension() else "generic"
+    order = ["avx512", "avx2", "generic"]
+    return order[order.index(best) :] if best in order else ["generic"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=cpu_isas())
+def cpu_isa(request, monkeypatch) -> str:
+    monkeypatch.setenv("ATTNMEM_CPU_ISA", request.param)
+    return request.param
+
+
+def pytest_report_header(config) -> list[str]:
+    info = _ext.build_info()
+    if not info:
+        return [f"attnmem._C: not loaded ({_ext.load_error()}); tests run the reference"]
+    return [
+        f"attnmem._C: cpu paths {cpu_isas()}, cuda kernel {info.get('cuda')}, "
+        f"cuda device {HAS_CUDA}"
+    ]
