@@ -19,6 +19,11 @@ __all__ = ["cross_attention", "fast_path_reasons", "strict", "reference", "__ver
 
 # Public names that live in modules importing diffusers/transformers: resolved lazily.
 _LAZY: dict[str, str] = {
+    "patch": "attnmem.processor",
+    "PatchHandle": "attnmem.processor",
+    "RecordSpec": "attnmem.processor",
+    "Mitigation": "attnmem.mitigate",
+    "AttentionRecord": "attnmem.record",
     "clip_tokenizer": "attnmem.tokenizer",
     "encode_prompts": "attnmem.tokenizer",
     "lengths_from_ids": "attnmem.tokenizer",
