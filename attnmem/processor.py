@@ -91,6 +91,7 @@ class Controller:
         self.step = 0
         self.records: list[AttentionRecord] = []
         self.stop_after: str | int | None = None  # early exit after this layer (name or index)
+        self.stop_after_step: int | None = None  # early exit once this UNet call has ended
         self.patched_names: list[str] = []
         self._call: dict[str, Any] | None = None
         self._row_cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
@@ -135,6 +136,7 @@ class Controller:
             "record": record,
             "mitigate": mitigate,
             "index": 0,
+            "order": [],
             "attn": {},
             "ent": {},
         }
@@ -143,8 +145,8 @@ class Controller:
         call, self._call = self._call, None
         if call is None:
             return
-        if call["record"] and call["attn"]:
-            self.records[-1].add_step(self.step, call["attn"], call["ent"])
+        if call["record"]:
+            self.records[-1].add_step(self.step, call["attn"], call["ent"], call["order"])
         self.step += 1
 
     def abort_unet_call(self) -> None:
@@ -161,6 +163,7 @@ class Controller:
             return -1, None, None, False
         index = call["index"]
         call["index"] = index + 1
+        call["order"].append(name)
         want = call["record"] and self.record_spec.wants_layer(name, index)
         m = self.mitigation
         if not (call["mitigate"] and m.applies_to(name, index)):
@@ -213,7 +216,11 @@ class Controller:
 
     def should_stop(self, name: str, index: int) -> bool:
         s = self.stop_after
-        return s is not None and (s == name or s == index)
+        if s is None:
+            return False
+        if isinstance(s, int):
+            return s == index
+        return s == name or name.startswith(s + ".")
 
 
 class AttnMemProcessor:
@@ -462,7 +469,11 @@ class PatchHandle:
         self.controller.begin_unet_call(int(sample.shape[0]))
 
     def _post_forward(self, module, args, kwargs, output):
-        self.controller.end_unet_call()
+        ctl = self.controller
+        step = ctl.step
+        ctl.end_unet_call()
+        if ctl.stop_after_step is not None and step >= ctl.stop_after_step:
+            raise EarlyExit(f"step {step}")
 
     def _install(self) -> None:
         self._hooks.append(self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -583,12 +594,15 @@ def patch(
     return handle
 
 
-def run_unet_until(handle: PatchHandle, layer: str | int, fn: Callable[[], Any]) -> bool:
-    """Run ``fn`` (a UNet forward) and stop it right after ``layer`` produced its statistics.
+def run_unet_until(
+    handle: PatchHandle, layer: str | int | None, fn: Callable[[], Any], *, step: int | None = None
+) -> bool:
+    """Run ``fn`` (a UNet forward, or a whole pipeline call) and stop it right after ``layer``
+    produced its statistics, or once UNet call ``step`` has ended (layer=None).
 
-    Returns True when the forward stopped early (False if it ran to the end)."""
+    Returns True when it stopped early (False if ``fn`` ran to the end)."""
     ctl = handle.controller
-    ctl.stop_after = layer
+    ctl.stop_after, ctl.stop_after_step = layer, step
     try:
         fn()
         return False
@@ -596,4 +610,4 @@ def run_unet_until(handle: PatchHandle, layer: str | int, fn: Callable[[], Any])
         ctl.abort_unet_call()
         return True
     finally:
-        ctl.stop_after = None
+        ctl.stop_after = ctl.stop_after_step = None

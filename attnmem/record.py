@@ -32,7 +32,9 @@ class AttentionRecord:
     """Statistics of the conditional rows of one pipeline call (or one series of UNet calls).
 
     Attributes:
-        layers: cross-attention module names in execution order.
+        layers: recorded cross-attention module names, in execution order.
+        order: every cross-attention module that ran, in execution order (layer indices refer
+            to this list, so index 3 is the 4th cross-attention even if only it was recorded).
         steps: recorded step indices (UNet call index within the call), in order.
         attn: step -> layer -> (n_images, heads, Nk) float32.
         row_entropy: step -> layer -> (n_images, heads) float32.
@@ -42,6 +44,7 @@ class AttentionRecord:
     """
 
     layers: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     attn: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     row_entropy: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -53,8 +56,14 @@ class AttentionRecord:
 
     # -- building ---------------------------------------------------------------------------
     def add_step(
-        self, step: int, attn: dict[str, torch.Tensor], row_entropy: dict[str, torch.Tensor]
+        self,
+        step: int,
+        attn: dict[str, torch.Tensor],
+        row_entropy: dict[str, torch.Tensor],
+        order: Sequence[str] = (),
     ) -> None:
+        if len(order) > len(self.order):
+            self.order = list(order)
         if not attn:
             return
         if not self.layers:
@@ -72,6 +81,7 @@ class AttentionRecord:
         mr = {t: {n: a.to(device) for n, a in d.items()} for t, d in self.row_entropy.items()}
         return AttentionRecord(
             layers=list(self.layers),
+            order=list(self.order),
             steps=list(self.steps),
             attn=mv,
             row_entropy=mr,
@@ -110,11 +120,16 @@ class AttentionRecord:
         out = []
         for item in layers:
             if isinstance(item, int):
-                if not -len(self.layers) <= item < len(self.layers):
+                order = self.order or self.layers
+                if not -len(order) <= item < len(order):
                     raise ValueError(
-                        f"layer index {item} out of range: {len(self.layers)} cross-attention layers were recorded"
+                        f"layer index {item} out of range: {len(order)} cross-attention layers ran"
                     )
-                out.append(self.layers[item])
+                if order[item] not in self.layers:
+                    raise ValueError(
+                        f"layer {item} ({order[item]}) was not recorded; recorded: {self.layers}"
+                    )
+                out.append(order[item])
             elif item in self.layers:
                 out.append(item)
             else:
