@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')
 
-.PHONY: test lint pytest build venv bench clean cuda-check
+.PHONY: test lint pytest build venv bench clean cuda-check demo
 
 venv: $(VENV)/.deps
 
@@ -32,8 +32,20 @@ pytest: build
 
 test: lint pytest
 
+# Scans the bundled demo prompts (12 memorized, 12 not) with the default model and writes the
+# report. The default model, tiny-sd1, has RANDOM weights: the demo shows the tooling, and its
+# scores say nothing about memorization. Metric E needs only the first step (early exit).
+DEMO_OUT ?= report/demo
+demo: build
+	rm -rf $(DEMO_OUT)
+	$(PY) -m attnmem scan attnmem/data/demo_prompts.txt --metric E --out $(DEMO_OUT)/results.jsonl
+	$(PY) -m attnmem report $(DEMO_OUT)/results.jsonl --labels attnmem/data/demo_labels.txt -o $(DEMO_OUT)
+
+# Benchmarks (not part of `make test`): op table, then the SD1.x UNet table; both written to
+# bench/results/ with the machine, torch version and commit.
 bench: build
 	$(PY) bench/run_op_bench.py
+	$(PY) bench/run_unet_bench.py
 
 # Compiles the CUDA kernel against torch+CUDA (no GPU needed) and imports it.
 cuda-check:
