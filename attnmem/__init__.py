@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "Mitigation": "attnmem.mitigate",
     "AttentionRecord": "attnmem.record",
     "make_detector": "attnmem.detect",
+    "EntropyFilter": "attnmem.train",
+    "WenFilter": "attnmem.train",
     "token_view": "attnmem.detect",
     "generation_seed": "attnmem.detect",
     "clip_tokenizer": "attnmem.tokenizer",

@@ -170,6 +170,11 @@ def fast_path_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[st
         else:
             if q.dtype not in CUDA_DTYPES:
                 reasons.append(f"CUDA kernel takes float32/float16/bfloat16, got {q.dtype}")
+            major, minor = torch.cuda.get_device_capability(q.device)
+            if major < 8:
+                reasons.append(
+                    f"CUDA kernel needs compute capability >= 8.0, device has {major}.{minor}"
+                )
             dims = _ext.build_info().get("cuda_head_dims", [])
             if q.shape[-1] not in dims:
                 reasons.append(f"CUDA kernel takes head dims {list(dims)}, got D = {q.shape[-1]}")
