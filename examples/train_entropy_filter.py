@@ -29,7 +29,7 @@ def synthetic_batch(step: int, batch: int, tokenizer, seed: int = 0):
     images = torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1
     words = ["red", "blue", "green", "circle", "square", "sky", "forest", "cat", "dog", "house"]
     caps = []
-    for i in range(batch):
+    for _ in range(batch):
         idx = torch.randint(len(words), (4,), generator=g).tolist()
         caps.append("a photo of " + " ".join(words[j] for j in idx))
     ids = tokenizer(
