@@ -1,0 +1,237 @@
+"""``attnmem`` command line: ``scan`` scores a prompt file, ``report`` plots the results.
+
+Thin on purpose: argument parsing and printing only; the work is in :mod:`attnmem.scan` and
+:mod:`attnmem.report`, which library users can call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_DESCRIPTION = """\
+Detect memorization in Stable Diffusion from cross-attention statistics (Ren et al., ECCV 2024).
+
+  attnmem scan PROMPTS.txt --model PATH_OR_ID --out results.jsonl
+  attnmem report results.jsonl --labels labels.txt -o report/
+
+Several processes: torchrun --nproc-per-node N -m attnmem scan ... (same arguments).
+"""
+
+_SCAN_DESCRIPTION = """\
+Score every prompt of PROMPTS (one per line, UTF-8; blank lines are skipped and the prompt id
+is the index among the non-blank lines, from 0) and append one JSON record per prompt to OUT.
+Prompt id i uses the seed SEED + i. Records are flushed to disk after every batch: an
+interrupted scan continues with --resume, which skips prompts already scored and retries the
+failed ones. A prompt that fails is recorded with its error and the scan goes on (exit status
+1 at the end). Under torchrun each process scores a share and rank 0 merges the result.
+"""
+
+_MODEL_HELP = (
+    "a local diffusers pipeline folder or a hub id (loaded with use_safetensors=True and "
+    "trust_remote_code=False), or a built-in name: tiny-sd1, tiny-sd2, tiny-sdxl. "
+    "Default: tiny-sd1, a tiny RANDOM-WEIGHT model for demonstration only: its scores say "
+    "nothing about memorization."
+)
+
+
+def _layer(value: str) -> str | int:
+    """A layer index in execution order (e.g. 3, -1) or a module name."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``attnmem`` argument parser (also used to render ``--help`` in the docs)."""
+    from attnmem import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="attnmem",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"attnmem {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{scan,report}")
+
+    scan = sub.add_parser(
+        "scan",
+        help="score a prompt file with a detection metric",
+        description=_SCAN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scan.add_argument("prompts", type=Path, metavar="PROMPTS", help="prompt file, one per line")
+    scan.add_argument("--out", "-o", type=Path, required=True, help="results file (JSON lines)")
+    scan.add_argument("--model", default="tiny-sd1", help=_MODEL_HELP)
+    scan.add_argument(
+        "--metric",
+        choices=["E", "D", "wen", "carlini"],
+        default="E",
+        help="E: first-step attention entropy of one layer (fast, default); D: entropy over "
+        "the last steps, all layers; wen: Wen et al.'s noise-difference norm; carlini: "
+        "similarity of n full generations",
+    )
+    scan.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch (8)")
+    scan.add_argument(
+        "--steps", type=_positive, default=50, help="num_inference_steps of the scheduler (50)"
+    )
+    scan.add_argument("--guidance", type=float, default=7.5, help="guidance scale (7.5)")
+    scan.add_argument(
+        "--layer",
+        type=_layer,
+        default=None,
+        help="metric E: cross-attention layer, index in execution order or module name "
+        "(default 3: the 4th, down_blocks.1.attentions.1 on SD1.x)",
+    )
+    scan.add_argument(
+        "--n",
+        type=_positive,
+        default=None,
+        help="wen/carlini: generations per prompt (default: wen 1, carlini 4)",
+    )
+    scan.add_argument(
+        "--seed", type=int, default=0, help="base seed: prompt id i uses SEED + i (0)"
+    )
+    scan.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N"
+    )
+    scan.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="auto: fp16 on GPU, fp32 on CPU",
+    )
+    scan.add_argument("--height", type=_positive, default=None, help="image height (model default)")
+    scan.add_argument("--width", type=_positive, default=None, help="image width (model default)")
+    scan.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted scan of OUT: skip scored ids, retry failed ones",
+    )
+    scan.add_argument(
+        "--limit", type=_positive, default=None, help="score only the first LIMIT prompts"
+    )
+    scan.add_argument(
+        "--encoding", default="utf-8", help="encoding of the prompt file (utf-8; a BOM is ignored)"
+    )
+    scan.set_defaults(func=_scan)
+
+    report = sub.add_parser(
+        "report",
+        help="plots, an HTML page and summary.json from scan results",
+        description="Write score histograms, the ROC curve with AUROC and TPR at 1/3/5/10% FPR "
+        "(with --labels), per-token attention of the top prompts and entropy over steps "
+        "(metric D) as PNGs, one self-contained report.html and summary.json.",
+    )
+    report.add_argument("results", type=Path, help="results file written by attnmem scan")
+    report.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="1 = memorized, 0 = not: one per non-blank prompt line, or 'id,label' lines, "
+        "or JSON (a list, or an object id -> label)",
+    )
+    report.add_argument("-o", "--out", type=Path, default=Path("report"), help="folder (report/)")
+    report.add_argument(
+        "--top", type=_positive, default=10, help="prompts in the ranked table (10)"
+    )
+    report.set_defaults(func=_report)
+    return parser
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from attnmem.scan import ScanOptions, run_scan
+
+    opts = ScanOptions(
+        prompts=args.prompts,
+        out=args.out,
+        model=args.model,
+        metric=args.metric,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        guidance=args.guidance,
+        layer=args.layer,
+        n=args.n,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        height=args.height,
+        width=args.width,
+        resume=args.resume,
+        limit=args.limit,
+        encoding=args.encoding,
+    )
+    s = run_scan(opts)
+    if s.rank != 0:
+        return 1 if s.failed else 0
+    print(
+        f"attnmem scan: {s.scored} prompt(s) scored, {s.skipped} already done, "
+        f"{len(s.failed)} failed -> {s.out}"
+    )
+    if s.failed:
+        shown = ", ".join(map(str, s.failed[:10])) + (" ..." if len(s.failed) > 10 else "")
+        print(
+            f"attnmem scan: failed ids: {shown} (errors are in their records; "
+            "rerun with --resume to retry them)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from attnmem.report import make_report
+
+    rep = make_report(args.results, args.out, labels=args.labels, top=args.top)
+    s = rep.summary
+    ev = s["evaluation"]
+    head = f"{s['n_scored']} prompts scored with metric {s['metric']} on {s['model']}"
+    if s["n_failed"]:
+        head += f" ({s['n_failed']} failed)"
+    print(head)
+    if s["demo_model"]:
+        print(
+            "note: random-weight demonstration model: these scores say nothing about memorization"
+        )
+    if ev is not None:
+        t = ev["tpr_at_fpr"]
+        tprs = "  ".join(
+            f"{float(k) * 100:g}%: {t['nearest'][k]:.2f}/{t['below'][k]:.2f}" for k in t["nearest"]
+        )
+        print(f"AUROC {ev['auroc']:.4f}   TPR@FPR (nearest/below)  {tprs}")
+    print()
+    print(f"{'rank':>4}  {'id':>5}  {'score':>10}  {'label':<13}  prompt")
+    for t in s["top"]:
+        label = {1: "memorized", 0: "not", None: ""}[t["label"]]
+        prompt = t["prompt"] if len(t["prompt"]) <= 70 else t["prompt"][:69] + "…"
+        print(f"{t['rank']:>4}  {t['id']:>5}  {t['score']:>10.4f}  {label:<13}  {prompt}")
+    print()
+    print(f"report: {rep.html}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attnmem`` command; returns the exit status (0 ok, 1 error or failed prompts,
+    2 bad usage)."""
+    from attnmem.report import ReportError
+    from attnmem.scan import ScanError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ScanError, ReportError) as e:
+        print(f"attnmem {args.command}: error: {e}", file=sys.stderr)
+        return 1
