@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (H100/H200, no network), from the repo root:
 #
-#   OUT=/some/dir bash bench/gpu_check.sh
+#   OUT=/some/dir bash bench/gpu_check.sh                 # op: build, CUDA tests, op benchmark
+#   OUT=/some/dir DETECTION=1 bash bench/gpu_check.sh     # + the SD1.x UNet detection table
+#                                                         #   (fp16, 8 prompts per batch)
+#
+# DETECTION=1 needs diffusers and transformers importable; on a machine without network, carry
+# a wheel folder (pip download diffusers transformers safetensors -d wheels/) and set
+# WHEELS=wheels: they are installed with --no-index first.
 #
 # 1. builds attnmem in place with its CUDA kernel (TORCH_CUDA_ARCH_LIST=9.0 by default: sm_90
 #    only, to save build time), 2. runs the CUDA tests, 3. runs bench/gpu_bench.py (verification
 #    against attnmem.reference, then timings). Everything lands in $OUT (default
-#    bench/results/gpu-<date>): build.log, nvidia-smi.txt, tests.log, bench.log, gpu_bench.json,
-#    gpu_bench.md. Each step runs even if an earlier one failed (when it can); the exit status
+#    bench/results/gpu-<date>): summary.txt (with nvidia-smi), build.log, tests.log, bench.log,
+#    gpu_bench.json, gpu_bench.md, and with DETECTION=1 unet_gpu.json, unet_gpu.md (8 files: the
+#    most a lent machine sends back). Each step runs even if an earlier one failed (when it can); the exit status
 #    is non-zero if any step failed. Budget: build ~2-3 min, tests <= 150 s, bench <= ~4 min.
 set -uo pipefail
 
@@ -20,7 +27,7 @@ start=$(date +%s)
 status=0
 say() { echo "[gpu-check $(($(date +%s) - start))s] $*" | tee -a "$OUT/summary.txt"; }
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+nvidia-smi >>"$OUT/summary.txt" 2>&1 || true
 say "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
 say "python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1))"
 
@@ -59,7 +66,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   say "pytest -k cuda $TESTS"
   # shellcheck disable=SC2086
   timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -k cuda $TESTS \
-    --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    >"$OUT/tests.log" 2>&1
   rc=$?
 else
   say "pytest is not installed: running tests/test_op_cuda_extra.py standalone"
@@ -76,5 +83,19 @@ timeout 300 "$PY" bench/gpu_bench.py --out "$OUT" --require-gpu --max-seconds 20
 rc=$?
 if [ $rc -ne 0 ]; then say "BENCH FAILED or found a verification failure (rc $rc, see bench.log)"; status=1; fi
 if [ -f "$OUT/gpu_bench.md" ]; then cat "$OUT/gpu_bench.md"; else tail -n 30 "$OUT/bench.log"; fi
+
+# ---- 4. optional: detection/mitigation table on the SD1.x UNet ---------------------------------
+if [ "${DETECTION:-0}" = "1" ]; then
+  if [ -n "${WHEELS:-}" ]; then
+    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" diffusers transformers safetensors >>"$OUT/bench.log" 2>&1 || true
+  fi
+  say "bench/run_unet_bench.py --device cuda --prompts 8"
+  if timeout 240 "$PY" bench/run_unet_bench.py --device cuda --prompts 8 --rounds 5 --out "$OUT" --name unet_gpu >>"$OUT/bench.log" 2>&1; then
+    cat "$OUT/unet_gpu.md"
+  else
+    say "DETECTION BENCH FAILED (see bench.log)"
+    status=1
+  fi
+fi
 say "done, status $status; results in $OUT"
 exit $status

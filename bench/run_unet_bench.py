@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         "--size", choices=["sd1", "tiny"], default="sd1", help="UNet size (tiny: a smoke run)"
     )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--prompts", type=int, default=1, help="prompts per batch (costs are per prompt)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default=None, help="file stem (default unet_<device>)")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     unet = build_unet(args.size, dtype=dtype, device=args.device)
     n_params = sum(p.numel() for p in unet.parameters())
-    cases = Cases(unet)
+    cases = Cases(unet, prompts=args.prompts)
     checks = cases.verify(atol=2e-2 if dtype == torch.float16 else 1e-3)
     print(f"verified: {checks}", flush=True)
 
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "latent": unet.config.sample_size,
         },
         "rounds": args.rounds,
+        "prompts_per_batch": args.prompts,
         "seconds": times,
         "median_seconds": med,
         "relative_to_plain_step": rel,
@@ -168,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"### Detection and mitigation cost per prompt, SD1.x UNet ({n_params / 1e6:.0f} M parameters, random weights, "
-        f"{unet.config.sample_size}x{unet.config.sample_size} latents, {str(dtype).replace('torch.', '')})",
+        f"{unet.config.sample_size}x{unet.config.sample_size} latents, {str(dtype).replace('torch.', '')}, "
+        f"{args.prompts} prompt(s) per batch)",
         "",
         *header_lines(machine),
         "",

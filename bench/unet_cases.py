@@ -151,12 +151,13 @@ def _restore(unet, old: dict[str, Any]) -> None:
 class Cases:
     """Callables for every case, built around one UNet; each returns what it computed."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, prompts: int = 1):
         self.unet = unet
-        self.x2, self.e2, self.t = inputs(unet, 2)
-        self.x1, self.e1 = self.x2[1:], self.e2[1:]  # the conditional row of the same prompt
-        self.x8, self.e8, _ = inputs(unet, 8, seed=1)
-        self.L = torch.tensor([PROMPT_LEN], device=self.t.device)
+        self.n = n = prompts
+        self.x2, self.e2, self.t = inputs(unet, 2 * n)  # [uncond x n, cond x n]
+        self.x1, self.e1 = self.x2[n:], self.e2[n:]  # the conditional rows of the same prompts
+        self.x8, self.e8, _ = inputs(unet, 8 * n, seed=1)
+        self.lengths = [PROMPT_LEN] * n
 
     @torch.inference_mode()
     def plain(self):
@@ -171,14 +172,14 @@ class Cases:
     @torch.inference_mode()
     def attnmem_stats(self):
         with attnmem.patch(self.unet) as h:
-            h.set_prompts(lengths=[PROMPT_LEN], cfg=True)
+            h.set_prompts(lengths=self.lengths, cfg=True)
             out = self.unet(self.x2, self.t, encoder_hidden_states=self.e2).sample
             return out, h.record
 
     @torch.inference_mode()
     def e_early_exit(self):
         with attnmem.patch(self.unet, record=RecordSpec(steps=(0,), layers=(3,))) as h:
-            h.set_prompts(lengths=[PROMPT_LEN], cfg=False)
+            h.set_prompts(lengths=self.lengths, cfg=False)
             run_unet_until(h, 3, lambda: self.unet(self.x1, self.t, encoder_hidden_states=self.e1))
             return h.record.entropy(steps=0, layers=3)[0]
 
@@ -191,19 +192,20 @@ class Cases:
         finally:
             _restore(self.unet, old)
         heads = self.unet.config.attention_head_dim
-        return out, official_statistics(maps, heads, slice(1, 2))
+        return out, official_statistics(maps, heads, slice(self.n, 2 * self.n))
 
     @torch.inference_mode()
     def attnmem_mitigated(self):
         with attnmem.patch(self.unet, record=False, mitigate=attnmem.Mitigation(c1=1.25)) as h:
-            h.set_prompts(lengths=[PROMPT_LEN], cfg=True)
+            h.set_prompts(lengths=self.lengths, cfg=True)
             return self.unet(self.x2, self.t, encoder_hidden_states=self.e2).sample
 
     @torch.inference_mode()
     def official_mitigated(self):
-        kl = torch.tensor([PROMPT_LEN, PROMPT_LEN], device=self.t.device)
+        kl = torch.tensor(self.lengths * 2, device=self.t.device)
         old = _set_attn2(
-            self.unet, lambda n: OfficialStyleProcessor(None, c1=1.25, key_len=kl, n_uncond=1)
+            self.unet,
+            lambda name: OfficialStyleProcessor(None, c1=1.25, key_len=kl, n_uncond=self.n),
         )
         try:
             return self.unet(self.x2, self.t, encoder_hidden_states=self.e2).sample
@@ -222,7 +224,7 @@ class Cases:
             torch.testing.assert_close(rec.row_entropy[0][name].float(), e, atol=1e-3, rtol=1e-3)
         e_fast = self.e_early_exit()
         e_cfg = rec.entropy(steps=0, layers=3)[0]
-        torch.testing.assert_close(e_fast, e_cfg, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(e_fast, e_cfg, atol=1e-4 if atol < 1e-2 else 1e-2, rtol=1e-3)
         mit = self.attnmem_mitigated()
         mit_o = self.official_mitigated()
         torch.testing.assert_close(mit, mit_o, atol=atol, rtol=1e-3)
