@@ -249,9 +249,7 @@ def _backward(ctx, grad_out, _g_prob_sum, _g_ent_sum, _g_row_ent):
     dp = torch.matmul(go, vf.transpose(-1, -2))
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     if bos_scale is not None:
-        factor = torch.ones(q.shape[0], 1, 1, k.shape[1], dtype=mdt, device=q.device)
-        factor[:, 0, 0, 0] = bos_scale.to(mdt)
-        ds = ds * factor
+        ds = ds * reference.bos_factor(bos_scale, k.shape[1], mdt)
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
     return (

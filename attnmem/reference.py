@@ -23,11 +23,19 @@ import math
 
 import torch
 
-__all__ = ["cross_attention", "attention_probs"]
+__all__ = ["cross_attention", "attention_probs", "bos_factor"]
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bos_factor(bos_scale: torch.Tensor, Nk: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, Nk) multipliers of the logits: bos_scale[b] at key 0, 1 elsewhere. Used by the
+    forward (s * f) and by the backward of the compiled op (dS * f)."""
+    factor = torch.ones(bos_scale.shape[0], 1, 1, Nk, dtype=dtype, device=bos_scale.device)
+    factor[:, 0, 0, 0] = bos_scale.to(dtype)
+    return factor
 
 
 def attention_probs(
@@ -51,9 +59,7 @@ def attention_probs(
     kf = k.to(mdt).permute(0, 2, 1, 3)  # (B, H, Nk, D)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if bos_scale is not None:
-        factor = torch.ones(B, 1, 1, Nk, dtype=mdt, device=q.device)
-        factor[:, 0, 0, 0] = bos_scale.to(mdt)
-        s = s * factor
+        s = s * bos_factor(bos_scale, Nk, mdt)
     if key_len is not None:
         keep = torch.arange(Nk, device=q.device)[None, :] < key_len.to(q.device).long()[:, None]
         s = torch.where(keep[:, None, None, :], s, torch.full_like(s, -math.inf))

@@ -9,6 +9,11 @@ from attnmem import _ext
 
 HAS_CUDA = torch.cuda.is_available()
 
+# The tests use tiny models: one intra-op thread is as fast as two, and it keeps the suite's
+# time steady when the machine is shared (OpenMP threads waiting on a busy core can slow a
+# 0.2 s pipeline call to many seconds). Tests of thread behaviour set the count themselves.
+torch.set_num_threads(1)
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(
