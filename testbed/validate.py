@@ -1,0 +1,523 @@
+"""Validation protocol of the attnmem testbed, fixed before any validation number was computed
+(training probes are disclosed in the model card, ``attnmem/data/testbed/README.md``, which
+repeats this protocol).
+
+    python testbed/validate.py --model attnmem/data/testbed --part attention   # ~5 s
+    python testbed/validate.py --model attnmem/data/testbed --part detect      # ~5 min (one CPU thread)
+    python testbed/validate.py --model attnmem/data/testbed --part generate    # ~7.5 min (one CPU thread)
+    python testbed/validate.py --model attnmem/data/testbed --part report      # merge + table
+
+The parts write ``<out>.<part>.json`` and can run in parallel processes; ``report`` merges
+them into ``bench/results/testbed_validation.json`` and prints the markdown table.
+
+Sets (all from ``testbed/data.py``, seed 20240311):
+  MEM  = the 40 memorized items (5 dose groups x 8);
+  NEG  = held-out negatives 0-99 (never trained on; same caption generator);
+  MEM_MIT = memorized items 32-37 (the first 6 of the highest dose group);
+  NEG_MIT = held-out negatives 0-5.
+Sizes are set by the CPU budget (~25 UNet sample-forwards per second per core).
+
+1. Attention at the first step (t = 981, 50-step DDIM schedule; conditional pass only),
+   MEM vs NEG, seed = prompt index: per layer, the pixel/head-averaged mass on BOS, prompt
+   tokens (split into attribute words vs other words), EOS and summary (padding) tokens.
+2. Detection, MEM (positive) vs NEG (negative), one seed per prompt, guidance 7.5:
+   E (attnmem default layer = 4th cross-attention, early exit, t = 981) and E per layer;
+   D (10 DDIM steps, last 2 = the last 20 %, as 10 of 50); Wen n = 1 and n = 4 (step 0 of 50);
+   Carlini n = 4 (10 DDIM steps, 4x4 tiles). AUROC and TPR at 1 % FPR (both conventions).
+3. Generation, 10 DDIM steps, 16 paired seeds per prompt (seed j of prompt i = 1000 i + j):
+   a. memorization rate at guidance 3, 5, 7.5 for all of MEM (2 seeds each; dose response)
+      and at 3 and 7.5 for MEM_MIT / NEG_MIT (16 seeds): a generation counts as memorized
+      when, among its training image and 15 "twins" (same attributes, fresh details, never trained), the training image is the
+      nearest (L2); chance = 1/16. Also the Pearson correlation with the training image.
+   b. caption following on NEG_MIT: nearest clean attribute template; accuracy per attribute
+      (chance: colour 1/8, shape 1/3, position 1/5, background 1/6), with the same classifier's
+      accuracy on the true images as the ceiling.
+   c. mitigation (attnmem.Mitigation, default summary-token mask) with c1 = 1.25 and 1.5 at
+      guidance 7.5 and c1 = 1.25 at guidance 3, paired with the unpatched output of the same
+      seed: on MEM_MIT the change of correlation with the training image and of the memorization rate; on NEG_MIT
+      the correlation between mitigated and unmitigated output and the caption-following
+      accuracy. 95 % intervals: bootstrap over prompts (2000 resamples, seed 0).
+4. Controls: metric E of the *untrained* model (same init, ``--tag init``) and the prompt
+   length L alone as detectors (a gap they also show is not memorization).
+
+Verdicts, fixed in advance (the model card reports each as met / not met):
+  - memorization: the top dose group's memorization rate at guidance 7.5 >= 0.5 and the
+    held-out negatives' rate <= 0.15;
+  - BOS sink: on NEG at step 0, BOS has the largest mass of all 77 positions in >= 6 of the
+    11 layers and its mean mass over layers is >= 0.3;
+  - attention signature: at the default layer, MEM puts less mass on BOS than NEG and E
+    separates MEM from NEG with AUROC >= 0.8, at least 0.1 above both controls;
+  - mitigation: with c1 = 1.25 at guidance 7.5 the correlation of MEM_MIT generations with
+    their training image drops (95 % CI below 0) while NEG_MIT outputs keep correlation
+    >= 0.9 with their unmitigated outputs;
+  - caption following: NEG_MIT attribute accuracy above chance on all four attributes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testbed import data  # noqa: E402
+
+SEED = data.SEED
+N_NEG = 100
+N_TWINS = 15
+GUIDANCES = (3.0, 5.0, 7.5)
+MIT_CONFIGS = ((7.5, (1.25, 1.5)), (3.0, (1.25,)))
+MEM_SEEDS = 2
+MIT_SEEDS = 16
+GEN_STEPS = 10
+ATTR_WORDS = (
+    set(data.FG)
+    | set(data.BG)
+    | set(data.SHAPES)
+    | {w for ps in data.POS_PHRASES.values() for p in ps for w in p.split()}
+    | {"background"}
+)
+
+
+def sets():
+    mem = list(data.memorized_items(SEED))
+    neg = list(data.heldout_items(SEED))[:N_NEG]
+    mem_mit = mem[32:38]
+    return mem, neg, mem_mit, neg[:6]
+
+
+def load(model: str, device: str = "cpu"):
+    from attnmem.scan import load_pipeline
+
+    return load_pipeline(model, torch.device(device), torch.float32)
+
+
+# -- 1. attention -------------------------------------------------------------------------------
+def attention_part(pipe, mem, neg) -> dict:
+    from attnmem.detect import generators
+    from attnmem.processor import RecordSpec, patch, run_unet_until
+
+    out = {}
+    for name, items in (("mem", mem), ("neg", neg)):
+        prompts = [it.caption for it in items]
+        per = []
+        for b in range(0, len(prompts), 40):
+            chunk = prompts[b : b + 40]
+            with patch(pipe, record=RecordSpec(steps=(0,))) as h:
+                run_unet_until(
+                    h,
+                    None,
+                    lambda chunk=chunk, b=b: pipe(
+                        chunk,
+                        generator=generators(range(b, b + len(chunk))),
+                        num_inference_steps=50,
+                        guidance_scale=1.0,
+                        output_type="latent",
+                    ),
+                    step=0,
+                )
+                rec = h.record.to("cpu")
+            per.append(rec)
+        layers = per[0].order
+        groups = {}
+        for li, layer in enumerate(layers):
+            a = torch.cat([r.mean_attention(steps=0, layers=layer) for r in per])  # (n, 77)
+            ent = torch.cat([r.entropy(steps=0, layers=layer)[0] for r in per])
+            L = torch.cat([r.lengths for r in per])
+            toks = sum((r.tokens for r in per), [])
+            bos, attr, other, eos, summ = [], [], [], [], []
+            for i in range(len(a)):
+                Li = int(L[i])
+                is_attr = torch.tensor(
+                    [t.strip().lower() in ATTR_WORDS for t in toks[i][1 : Li - 1]]
+                )
+                prompt = a[i, 1 : Li - 1]
+                bos.append(float(a[i, 0]))
+                attr.append(float(prompt[is_attr].sum()) if len(prompt) else 0.0)
+                other.append(float(prompt[~is_attr].sum()) if len(prompt) else 0.0)
+                eos.append(float(a[i, Li - 1]))
+                summ.append(float(a[i, Li:].sum()))
+            groups[layer] = {
+                "index": li,
+                "entropy": ent.tolist(),
+                "bos": bos,
+                "attribute_tokens": attr,
+                "other_prompt_tokens": other,
+                "eos": eos,
+                "summary": summ,
+            }
+        out[name] = {
+            "layers": layers,
+            "per_layer": groups,
+            "L": torch.cat([r.lengths for r in per]).tolist(),
+        }
+    # top trigger tokens of the memorized prompts at the default E layer (index 3)
+    from attnmem.detect import make_detector
+
+    det = make_detector("E", pipe, num_inference_steps=50)
+    top = mem[-8:]
+    res = det.score_batch([m.caption for m in top], list(range(len(mem) - len(top), len(mem))))
+    out["mem_top_triggers_default_layer"] = [
+        {"prompt": m.caption, "triggers": r["triggers"]} for m, r in zip(top, res)
+    ]
+    return out
+
+
+# -- 2. detection -------------------------------------------------------------------------------
+def detect_part(pipe, mem, neg) -> dict:
+    from attnmem.detect import make_detector
+
+    prompts = [it.caption for it in mem + neg]
+    seeds = list(range(len(prompts)))
+    labels = [1] * len(mem) + [0] * len(neg)
+    specs = {
+        "E": dict(num_inference_steps=50),
+        "D": dict(num_inference_steps=GEN_STEPS, last=2),
+        "wen_n1": ("wen", dict(num_inference_steps=50, n=1)),
+        "wen_n4": ("wen", dict(num_inference_steps=50, n=4)),
+        "carlini_n4": ("carlini", dict(num_inference_steps=GEN_STEPS, n=4)),
+    }
+    out = {
+        "labels": labels,
+        "dose_group": [m.dose_group for m in mem] + [-1] * len(neg),
+        "scores": {},
+        "seconds": {},
+    }
+    for key, spec in specs.items():
+        metric, opts = (key, spec) if isinstance(spec, dict) else spec
+        det = make_detector(metric, pipe, guidance_scale=7.5, **opts)
+        t0 = time.time()
+        scores = []
+        for b in range(0, len(prompts), 40):
+            scores += [r["score"] for r in det.score_batch(prompts[b : b + 40], seeds[b : b + 40])]
+        out["scores"][key] = scores
+        out["seconds"][key] = round(time.time() - t0, 1)
+        print(f"detect {key}: {out['seconds'][key]} s", flush=True)
+    return out
+
+
+# -- 3. generation ------------------------------------------------------------------------------
+def _generate(pipe, prompts, seeds, guidance, mitigation=None, batch=64) -> np.ndarray:
+    """(len(prompts), 3, 32, 32) in [-1, 1]; prompt i uses seeds[i]."""
+    from attnmem.processor import patch
+
+    imgs = []
+    for b in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[b : b + batch]]
+        kw = dict(
+            num_inference_steps=GEN_STEPS, guidance_scale=guidance, output_type="np", generator=gens
+        )
+        if mitigation is None:
+            x = pipe(prompts[b : b + batch], **kw).images
+        else:
+            with patch(pipe, record=False, mitigate=mitigation):
+                x = pipe(prompts[b : b + batch], **kw).images
+        imgs.append(np.asarray(x).transpose(0, 3, 1, 2) * 2 - 1)
+    return np.concatenate(imgs).astype(np.float32)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
+
+
+def _nearest_is_own(gen: np.ndarray, own: np.ndarray, twins: np.ndarray) -> np.ndarray:
+    d_own = ((gen - own) ** 2).reshape(len(gen), -1).sum(1)
+    d_tw = ((gen[:, None] - twins) ** 2).reshape(len(gen), twins.shape[1], -1).sum(2).min(1)
+    return d_own < d_tw
+
+
+def _expand(items, n_seeds):
+    prompts = [it.caption for it in items for _ in range(n_seeds)]
+    seeds = [1000 * k + j for k in range(len(items)) for j in range(n_seeds)]
+    return prompts, seeds
+
+
+def _targets(items, n_seeds):
+    own = np.stack([data.item_image(SEED, it) for it in items])
+    twins = np.stack([data.twin_images(SEED, it, N_TWINS) for it in items])
+    return np.repeat(own, n_seeds, 0), np.repeat(twins, n_seeds, 0)
+
+
+def _attr_acc(imgs, items, n_seeds):
+    pred = data.classify(imgs)
+    truth = [it.attrs for it in items for _ in range(n_seeds)]
+    hit = np.array([[p[k] == t[k] for k in range(4)] for p, t in zip(pred, truth)], float)
+    return hit  # (n, 4): colour, shape, position, background
+
+
+def generate_part(pipe, mem, mem_mit, neg_mit) -> dict:
+    from attnmem.mitigate import Mitigation
+
+    out = {"mem_all": {}, "mit": {}}
+    # a. all memorized items, MEM_SEEDS seeds, plain
+    own4, tw4 = _targets(mem, MEM_SEEDS)
+    p4, s4 = _expand(mem, MEM_SEEDS)
+    for g in GUIDANCES:
+        t0 = time.time()
+        x = _generate(pipe, p4, s4, g)
+        out["mem_all"][str(g)] = {
+            "corr": _corr(x, own4).tolist(),
+            "nearest_own": _nearest_is_own(x, own4, tw4).tolist(),
+            "dose_group": [it.dose_group for it in mem for _ in range(MEM_SEEDS)],
+        }
+        print(f"mem_all g={g}: {time.time() - t0:.0f} s", flush=True)
+    # b/c. paired mitigation on MEM_MIT and NEG_MIT, MIT_SEEDS seeds
+    items = mem_mit + neg_mit
+    prompts, seeds = _expand(items, MIT_SEEDS)
+    own, tw = _targets(items, MIT_SEEDS)
+    n_mem = len(mem_mit) * MIT_SEEDS
+    truth_acc = _attr_acc(np.stack([data.item_image(SEED, it) for it in neg_mit]), neg_mit, 1)
+    out["classifier_on_true_images"] = truth_acc.mean(0).tolist()
+    for g, c1s in MIT_CONFIGS:
+        base = None
+        for c1 in (None, *c1s):
+            t0 = time.time()
+            mit = None if c1 is None else Mitigation(c1=c1)
+            x = _generate(pipe, prompts, seeds, g, mit)
+            key = f"g{g}_" + ("none" if c1 is None else f"c1_{c1}")
+            rec = {
+                "corr_train": _corr(x, own).tolist(),
+                "nearest_own": _nearest_is_own(x, own, tw).tolist(),
+                "attr_hit": _attr_acc(x[n_mem:], neg_mit, MIT_SEEDS).tolist(),
+            }
+            if base is None:
+                base = x
+            else:
+                rec["corr_vs_plain"] = _corr(x, base).tolist()
+            out["mit"][key] = rec
+            print(f"mit {key}: {time.time() - t0:.0f} s", flush=True)
+    out["n_mem_rows"] = n_mem
+    out["prompt_of_row"] = [k for k in range(len(items)) for _ in range(MIT_SEEDS)]
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------
+def _boot_ci(values: np.ndarray, groups: np.ndarray, n: int = 2000) -> list[float]:
+    """Mean and 95 % bootstrap interval, resampling whole groups (prompts)."""
+    rng = np.random.default_rng(0)
+    ug = np.unique(groups)
+    means = np.array([values[groups == g].mean() for g in ug])
+    boots = rng.choice(means, size=(n, len(means)), replace=True).mean(1)
+    return [
+        float(values.mean()),
+        float(np.percentile(boots, 2.5)),
+        float(np.percentile(boots, 97.5)),
+    ]
+
+
+def report(res: dict) -> tuple[dict, str]:
+    from attnmem.evaluate import auroc, tpr_at_fpr
+
+    summary: dict = {}
+    lines = []
+    if "attention" in res:
+        A = res["attention"]
+        layers = A["mem"]["layers"]
+        summary["attention_step0"] = {}
+        lines += [
+            "### Attention at the first step (t = 981), mean over prompts: MEM / NEG",
+            "",
+            "| # | layer | BOS | attribute words | other words | EOS | summary (padding) | entropy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for li, layer in enumerate(layers):
+            row = {}
+            cells = []
+            for k in (
+                "bos",
+                "attribute_tokens",
+                "other_prompt_tokens",
+                "eos",
+                "summary",
+                "entropy",
+            ):
+                m = float(np.mean(A["mem"]["per_layer"][layer][k]))
+                n = float(np.mean(A["neg"]["per_layer"][layer][k]))
+                row[k] = {"mem": m, "neg": n}
+                cells.append(f"{m:.3f} / {n:.3f}")
+            summary["attention_step0"][layer] = row
+            short = layer.replace(".transformer_blocks.0.attn2", "")
+            lines.append(f"| {li} | {short} | " + " | ".join(cells) + " |")
+        if "attention_init" in res:
+            A0 = res["attention_init"]
+            bos0 = [
+                float(
+                    np.mean(A0["mem"]["per_layer"][ly]["bos"] + A0["neg"]["per_layer"][ly]["bos"])
+                )
+                for ly in layers
+            ]
+            summary["bos_mass_untrained"] = bos0
+            lines.append(
+                "\nBOS mass of the untrained (seeded-sink) model, per layer: "
+                + ", ".join(f"{v:.2f}" for v in bos0)
+            )
+        lines.append("")
+        summary["L"] = {
+            k: [float(np.mean(A[k]["L"])), float(np.std(A[k]["L"]))] for k in ("mem", "neg")
+        }
+    if "detect" in res:
+        Dt = res["detect"]
+        y = np.array(Dt["labels"])
+        dg = np.array(Dt["dose_group"])
+        det = {}
+        scores = dict(Dt["scores"])
+        if "attention" in res:
+            A = res["attention"]
+            for li, layer in enumerate(A["mem"]["layers"]):
+                scores[f"E_layer{li}"] = (
+                    A["mem"]["per_layer"][layer]["entropy"]
+                    + A["neg"]["per_layer"][layer]["entropy"]
+                )
+            scores["control: prompt length L"] = A["mem"]["L"] + A["neg"]["L"]
+        if "attention_init" in res:
+            A0 = res["attention_init"]
+            layer = A0["mem"]["layers"][3]
+            scores["control: E (layer 3) of the untrained model"] = (
+                A0["mem"]["per_layer"][layer]["entropy"] + A0["neg"]["per_layer"][layer]["entropy"]
+            )
+        lines += [
+            "### Detection: 40 memorized vs 100 held-out style-matched negatives",
+            "",
+            "| metric | AUROC | TPR@1%FPR (nearest) | TPR@1%FPR (below) | AUROC top-2 dose groups | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, s in scores.items():
+            s = np.asarray(s, float)
+            top = (dg >= data.DOSE_GROUPS - 2) | (y == 0)
+            det[key] = {
+                "auroc": auroc(s, y),
+                "tpr@1%_nearest": tpr_at_fpr(s, y, 0.01, "nearest"),
+                "tpr@1%_below": tpr_at_fpr(s, y, 0.01, "below"),
+                "auroc_top2_doses": auroc(s[top], y[top]),
+                "auroc_per_dose": [
+                    auroc(s[(dg == g) | (y == 0)], y[(dg == g) | (y == 0)])
+                    for g in range(data.DOSE_GROUPS)
+                ],
+            }
+            sec = Dt["seconds"].get(key, "")
+            lines.append(
+                f"| {key} | {det[key]['auroc']:.3f} | {det[key]['tpr@1%_nearest']:.3f} | "
+                f"{det[key]['tpr@1%_below']:.3f} | {det[key]['auroc_top2_doses']:.3f} | {sec} |"
+            )
+        summary["detection"] = det
+        lines.append("")
+    if "generate" in res:
+        G = res["generate"]
+        lines += [
+            f"### Memorization rate by dose group (all 40 memorized, {MEM_SEEDS} seeds; 10 DDIM steps; chance 1/16 = 0.062)",
+            "",
+            "| guidance | " + " | ".join(f"dose {g}" for g in range(data.DOSE_GROUPS)) + " |",
+            "|---|" + "---|" * data.DOSE_GROUPS,
+        ]
+        summary["memorization_rate"] = {}
+        for g, rec in G["mem_all"].items():
+            dg = np.array(rec["dose_group"])
+            no = np.array(rec["nearest_own"], float)
+            co = np.array(rec["corr"])
+            per = [
+                [float(no[dg == k].mean()), float(co[dg == k].mean())]
+                for k in range(data.DOSE_GROUPS)
+            ]
+            summary["memorization_rate"][g] = per
+            lines.append(f"| {g} | " + " | ".join(f"{a:.2f} (r {b:.2f})" for a, b in per) + " |")
+        lines.append("")
+        n_mem = G["n_mem_rows"]
+        pr = np.array(G["prompt_of_row"])
+        lines += [
+            "### Mitigation (6 memorized prompts of the top dose group, 6 held-out negatives, 16 paired seeds, 10 DDIM steps; mean [95 % CI, bootstrap over prompts])",
+            "",
+            "| guidance | setting | MEM: memorization rate | MEM: corr with training image | NEG: corr with unmitigated | NEG: attribute accuracy (colour/shape/pos/bg) |",
+            "|---|---|---|---|---|---|",
+        ]
+        summary["mitigation"] = {}
+        for key, rec in G["mit"].items():
+            no = np.array(rec["nearest_own"], float)
+            ct = np.array(rec["corr_train"])
+            hit = np.array(rec["attr_hit"])
+            row = {
+                "mem_rate": _boot_ci(no[:n_mem], pr[:n_mem]),
+                "mem_corr_train": _boot_ci(ct[:n_mem], pr[:n_mem]),
+                "neg_attr_acc": hit.mean(0).tolist(),
+                "neg_rate": _boot_ci(no[n_mem:], pr[n_mem:]),
+            }
+            if "corr_vs_plain" in rec:
+                cv = np.array(rec["corr_vs_plain"])
+                row["neg_corr_vs_plain"] = _boot_ci(cv[n_mem:], pr[n_mem:])
+                base = G["mit"][key.split("_c1")[0] + "_none"]
+                d = ct[:n_mem] - np.array(base["corr_train"])[:n_mem]
+                row["mem_delta_corr_train"] = _boot_ci(d, pr[:n_mem])
+            summary["mitigation"][key] = row
+            g, setting = key.split("_", 1)
+            f = lambda c: f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"  # noqa: E731
+            lines.append(
+                f"| {g[1:]} | {setting} | {f(row['mem_rate'])} | {f(row['mem_corr_train'])}"
+                + (
+                    f" (Δ {f(row['mem_delta_corr_train'])})"
+                    if "mem_delta_corr_train" in row
+                    else ""
+                )
+                + f" | {f(row['neg_corr_vs_plain']) if 'neg_corr_vs_plain' in row else '1 (itself)'}"
+                + f" | {'/'.join(f'{v:.2f}' for v in row['neg_attr_acc'])} |"
+            )
+        lines.append(
+            "\nAttribute classifier on the true images of NEG_MIT (ceiling): "
+            + "/".join(f"{v:.2f}" for v in G["classifier_on_true_images"])
+            + "; chance 0.12/0.33/0.20/0.17."
+        )
+        summary["classifier_on_true_images"] = G["classifier_on_true_images"]
+    return summary, "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="attnmem testbed validation")
+    ap.add_argument("--model", default="attnmem/data/testbed")
+    ap.add_argument("--part", required=True, choices=["attention", "detect", "generate", "report"])
+    ap.add_argument("--out", type=Path, default=Path("bench/results/testbed_validation.json"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--tag", default="", help="suffix of the part's file (e.g. init: the untrained model)"
+    )
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    mem, neg, mem_mit, neg_mit = sets()
+    if args.part == "report":
+        res = {}
+        for part in ("attention", "attention_init", "detect", "generate"):
+            p = args.out.with_suffix(f".{part}.json")
+            if p.exists():
+                res[part] = json.loads(p.read_text())
+        summary, table = report(res)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"protocol": __doc__, "summary": summary, "raw": res}) + "\n"
+        )
+        args.out.with_suffix(".md").write_text(table + "\n")
+        print(table)
+        return
+    pipe = load(args.model)
+    t0 = time.time()
+    if args.part == "attention":
+        res = attention_part(pipe, mem, neg)
+    elif args.part == "detect":
+        res = detect_part(pipe, mem, neg)
+    else:
+        res = generate_part(pipe, mem, mem_mit, neg_mit)
+    res["wall_s"] = round(time.time() - t0, 1)
+    res["model"] = args.model
+    res["torch_threads"] = args.threads
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"_{args.tag}" if args.tag else ""
+    args.out.with_suffix(f".{args.part}{tag}.json").write_text(json.dumps(res) + "\n")
+    print(f"{args.part}: {res['wall_s']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

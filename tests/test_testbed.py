@@ -1,0 +1,121 @@
+"""The committed testbed model (attnmem/data/testbed) and the scripts that build it (testbed/)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "attnmem" / "data" / "testbed"
+sys.path.insert(0, str(ROOT))
+
+from testbed import data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from attnmem.scan import load_pipeline
+
+    if not (MODEL / "model_index.json").is_file():
+        pytest.fail(f"the testbed model is missing: {MODEL}")
+    return load_pipeline(str(MODEL), torch.device("cpu"), torch.float32)
+
+
+def test_testbed_folder_is_safetensors_only_and_small():
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} == {"unet", "text_encoder", "vae"}
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+
+
+def test_testbed_loads_offline_and_generates(pipe):
+    from attnmem.testing import describe
+
+    layers = describe(pipe)
+    assert len(layers) == 11
+    assert layers[3].name == "down_blocks.2.attentions.1.transformer_blocks.0.attn2"
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    out = pipe(
+        ["a red circle on the left on a navy background", "a blue square"],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.images.shape == (2, 32, 32, 3)
+    assert np.isfinite(out.images).all()
+
+
+def test_testbed_vae_is_identity(pipe):
+    x = torch.from_numpy(data.memorized_images()[:2])
+    with torch.no_grad():
+        z = pipe.vae.encode(x).latent_dist.mean
+        y = pipe.vae.decode(z).sample
+    assert (z - x).abs().max() < 1e-4
+    assert (y - x).abs().max() < 1e-4
+
+
+def test_testbed_metric_e_runs(pipe):
+    from attnmem.detect import make_detector
+
+    det = make_detector("E", pipe, num_inference_steps=50)
+    res = det.score_batch([m.caption for m in data.memorized_items()[:2]], [0, 1])
+    assert len(res) == 2 and all(np.isfinite(r["score"]) for r in res)
+    assert len(res[0]["attention"]) == 77
+
+
+def test_bundled_prompts_match_the_dataset():
+    prompts = (ROOT / "attnmem/data/testbed_prompts.txt").read_text().split("\n")
+    labels = (ROOT / "attnmem/data/testbed_labels.txt").read_text().split("\n")
+    prompts, labels = [p for p in prompts if p], [int(v) for v in labels if v]
+    assert len(prompts) == len(labels) and set(labels) == {0, 1}
+    mem = {m.caption for m in data.memorized_items()}
+    held = {h.caption for h in data.heldout_items()}
+    for p, y in zip(prompts, labels):
+        assert (p in mem) if y else (p in held)
+
+
+def test_data_is_deterministic_and_groups_are_disjoint():
+    a = data.training_batch(data.SEED, 7, 6)
+    b = data.training_batch(data.SEED, 7, 6)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])
+    assert a[1].shape == (6, 3, 32, 32) and a[1].min() >= -1 and a[1].max() <= 1
+    c = data.training_batch(data.SEED + 1, 7, 6)
+    assert not np.array_equal(a[1], c[1])
+    mem = {m.caption for m in data.memorized_items()}
+    held = {h.caption for h in data.heldout_items()}
+    assert len(mem) == 40 and len(held) == data.N_HELDOUT and not mem & held
+    negs = {data.negative_item(data.SEED, i).caption for i in range(300)}
+    assert not negs & (mem | held)
+    assert len(negs) == 300  # every training negative is unique
+    seen, _ = data.exposures(data.SEED, 20, 16)
+    assert seen.sum() > 0
+
+
+def test_attribute_classifier_reads_clean_templates():
+    combos, tpl = data.templates()
+    assert data.classify(tpl[:50]) == combos[:50]
+
+
+def test_train_smoke_and_resume(tmp_path):
+    from testbed import train
+
+    out, work = tmp_path / "model", tmp_path / "work"
+    common = ["--out", str(out), "--workdir", str(work), "--batch-size", "2", "--threads", "1"]
+    train.main(["--steps", "3", *common])
+    assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 3
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 3 and len(info["memorized_exposures"]) == 40
+    from diffusers import DiffusionPipeline
+
+    p = DiffusionPipeline.from_pretrained(str(out), use_safetensors=True)
+    assert p.unet.config.sample_size == 32
+    train.main(["--steps", "4", *common])  # resumes at step 3
+    state = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and len(state["losses"]) == 4
