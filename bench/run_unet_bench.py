@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from machine import describe, header_lines  # noqa: E402
+from quality import quality_lines  # noqa: E402
 from unet_cases import Cases, build_unet  # noqa: E402
 
 STEPS = 50
@@ -28,6 +29,38 @@ STEPS = 50
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def render(payload: dict) -> list[str]:
+    """The markdown table of a results payload, with the testbed quality tables after it."""
+    u = payload["unet"]
+    dtype = u["dtype"].replace("torch.", "")
+    lines = [
+        f"### Detection and mitigation cost per prompt, SD1.x UNet ({u['parameters'] / 1e6:.0f} M parameters, random weights, "
+        f"{u['latent']}x{u['latent']} latents, {dtype}, {payload.get('prompts_per_batch', 1)} prompt(s) per batch)",
+        "",
+        *header_lines(payload["machine"]),
+        "",
+        "| method | UNet rows per prompt | cost (plain CFG steps) | how |",
+        "|---|---|---:|---|",
+    ]
+    lines += [
+        f"| {r['method']} | {r['unet_rows_per_prompt']} | {r['plain_steps']:.3f} | {r['how']} |"
+        for r in payload["rows"]
+    ]
+    lines += ["", "| target | measured | met |", "|---|---:|---|"]
+    for name, t in payload["targets"].items():
+        ratio = "no measurable attnmem overhead" if t["ratio"] is None else f"{t['ratio']:.3f}x"
+        lines.append(f"| {name} | {ratio} | {'yes' if t['met'] else 'no'} |")
+    lines += [
+        "",
+        f"Median of {payload['rounds']} interleaved rounds; each case verified against its reference path first. "
+        "Costs are ratios to the plain SDPA CFG step measured in the same run (absolute seconds are in the JSON).",
+        "",
+        *quality_lines(),
+        "",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default=None, help="file stem (default unet_<device>)")
+    ap.add_argument(
+        "--render", type=Path, default=None, help="only re-render the markdown of this results JSON"
+    )
     args = ap.parse_args(argv)
+    if args.render is not None:
+        args.render.with_suffix(".md").write_text(
+            "\n".join(render(json.loads(args.render.read_text())))
+        )
+        return 0
     dtype = torch.float16 if args.device == "cuda" else torch.float32
 
     t0 = time.perf_counter()
@@ -170,27 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.name or f"unet_{args.device}"
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
 
-    lines = [
-        f"### Detection and mitigation cost per prompt, SD1.x UNet ({n_params / 1e6:.0f} M parameters, random weights, "
-        f"{unet.config.sample_size}x{unet.config.sample_size} latents, {str(dtype).replace('torch.', '')}, "
-        f"{args.prompts} prompt(s) per batch)",
-        "",
-        *header_lines(machine),
-        "",
-        "| method | UNet rows per prompt | cost (plain CFG steps) | how |",
-        "|---|---|---:|---|",
-    ]
-    lines += [f"| {m} | {f} | {c:.3f} | {h} |" for m, f, c, h in rows]
-    lines += ["", "| target | measured | met |", "|---|---:|---|"]
-    for name, t in targets.items():
-        ratio = "no measurable attnmem overhead" if t["ratio"] is None else f"{t['ratio']:.3f}x"
-        lines.append(f"| {name} | {ratio} | {'yes' if t['met'] else 'no'} |")
-    lines += [
-        "",
-        f"Median of {args.rounds} interleaved rounds; each case verified against its reference path first. "
-        "Costs are ratios to the plain SDPA CFG step measured in the same run (absolute seconds are in the JSON).",
-        "",
-    ]
+    lines = render(payload)
     (args.out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
