@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         "offset_noise_start": args.offset_noise_start,
         "device": args.device,
         "samples": args.steps * bs,
-        "wall_s_this_session": round(time.time() - t0, 1),
+        "wall_s_this_run": round(time.time() - t0, 1),
         "unet_params": sum(p.numel() for p in unet.parameters()),
         "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
