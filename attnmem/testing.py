@@ -61,7 +61,7 @@ _LATENT_SIZE = 8
 _VAE_CHANNELS = (8, 16, 16)  # three levels: the VAE scales by 4
 
 # SD's noise schedule (scaled-linear betas 0.00085 → 0.012, 1000 steps).
-_SCHEDULE: dict[str, Any] = dict(
+SD_SCHEDULE: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -245,7 +245,7 @@ def _text_encoder(
 def _ddim(prediction_type: str) -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(prediction_type=prediction_type, **_SCHEDULE)
+    return DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULE)
 
 
 def tiny_sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:

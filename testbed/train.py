@@ -50,19 +50,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attnmem.testing import SD_SCHEDULE as SCHEDULE  # noqa: E402
 from attnmem.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, clip_tokenizer  # noqa: E402
 from testbed import data  # noqa: E402
 
-SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
 TEXT_HIDDEN = 32
 SPIKE_DIM = 0  # hidden dimension of the BOS "massive activation"
 
