@@ -6,6 +6,7 @@ still works on the pure-PyTorch reference, and :func:`load_error` says why.
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
@@ -38,13 +39,22 @@ def build_info() -> dict[str, Any]:
     return dict(_C.build_info())
 
 
+@functools.cache
+def cuda_head_dims() -> tuple[int, ...]:
+    """Head dims of the compiled CUDA kernel (empty without one). Fixed at build time, so read
+    once: the fast-path check runs on every attention call."""
+    if _C is None:
+        return ()
+    info = _C.build_info()
+    return tuple(info.get("cuda_head_dims", ())) if info.get("cuda", False) else ()
+
+
 def has_kernel(device_type: str) -> bool:
     """True when a compiled kernel for ``device_type`` ('cpu' or 'cuda') is registered."""
     if _C is None:
         return False
-    info = _C.build_info()
     if device_type == "cpu":
         return True
     if device_type == "cuda":
-        return bool(info.get("cuda", False))
+        return bool(cuda_head_dims())
     return False

@@ -9,6 +9,7 @@ compiled kernel can take the input, and the pure-PyTorch :mod:`attnmem.reference
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -152,6 +153,12 @@ def validate_inputs(
 # ------------------------------------------------------------------------------------------
 # Fast path selection
 # ------------------------------------------------------------------------------------------
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    """Compute capability of a CUDA device, read once per device (checked on every call)."""
+    return torch.cuda.get_device_capability(index)
+
+
 def fast_path_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[str]:
     """Why the compiled kernel would not run these inputs (empty list: it would)."""
     reasons: list[str] = []
@@ -170,12 +177,12 @@ def fast_path_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[st
         else:
             if q.dtype not in CUDA_DTYPES:
                 reasons.append(f"CUDA kernel takes float32/float16/bfloat16, got {q.dtype}")
-            major, minor = torch.cuda.get_device_capability(q.device)
+            major, minor = _capability(q.device.index)
             if major < 8:
                 reasons.append(
                     f"CUDA kernel needs compute capability >= 8.0, device has {major}.{minor}"
                 )
-            dims = _ext.build_info().get("cuda_head_dims", [])
+            dims = _ext.cuda_head_dims()
             if q.shape[-1] not in dims:
                 reasons.append(f"CUDA kernel takes head dims {list(dims)}, got D = {q.shape[-1]}")
     else:
