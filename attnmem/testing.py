@@ -248,6 +248,39 @@ def _ddim(prediction_type: str) -> DDIMScheduler:
     return DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULE)
 
 
+def _sd_pipeline(
+    seed: int,
+    kind: Literal["sd1", "sd2"],
+    upcast_attention: bool,
+    *,
+    hidden: int,
+    act: str,
+    prediction: str,
+) -> StableDiffusionPipeline:
+    """SD1/SD2-shaped pipeline: the two differ only in UNet, text width/activation, padding
+    style and prediction type."""
+    from diffusers import StableDiffusionPipeline
+
+    with _seeded(seed):
+        unet = _unet(kind, upcast_attention=upcast_attention)
+        vae = _vae(scaling_factor=0.18215)
+        text_encoder = _text_encoder(
+            hidden=hidden, act=act, pad_id=EOS_ID if kind == "sd1" else SD2_PAD_ID
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(kind),
+        unet=unet.eval(),
+        scheduler=_ddim(prediction),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A seeded, random-weight ``StableDiffusionPipeline`` shaped like SD1.x.
 
@@ -263,24 +296,7 @@ def tiny_sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     CLIP, hidden 32 = cross-attention dim, ``quick_gelu``; tokenizer pads with EOS (49407).
     DDIM with SD's schedule, epsilon prediction; no safety checker.
     """
-    from diffusers import StableDiffusionPipeline
-
-    with _seeded(seed):
-        unet = _unet("sd1", upcast_attention=False)
-        vae = _vae(scaling_factor=0.18215)
-        text_encoder = _text_encoder(hidden=32, act="quick_gelu", pad_id=EOS_ID)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer("sd1"),
-        unet=unet.eval(),
-        scheduler=_ddim("epsilon"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _sd_pipeline(seed, "sd1", False, hidden=32, act="quick_gelu", prediction="epsilon")
 
 
 def tiny_sd2_pipeline(seed: int = 0, *, upcast_attention: bool = True) -> StableDiffusionPipeline:
@@ -299,24 +315,9 @@ def tiny_sd2_pipeline(seed: int = 0, *, upcast_attention: bool = True) -> Stable
     like the hub's SD2 tokenizer, turns every ``!`` in a prompt into id 0 too. DDIM,
     v-prediction; no safety checker.
     """
-    from diffusers import StableDiffusionPipeline
-
-    with _seeded(seed):
-        unet = _unet("sd2", upcast_attention=upcast_attention)
-        vae = _vae(scaling_factor=0.18215)
-        text_encoder = _text_encoder(hidden=64, act="gelu", pad_id=SD2_PAD_ID)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer("sd2"),
-        unet=unet.eval(),
-        scheduler=_ddim("v_prediction"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return _sd_pipeline(
+        seed, "sd2", upcast_attention, hidden=64, act="gelu", prediction="v_prediction"
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
