@@ -2,13 +2,15 @@
 
 Every item, memorized or not, comes from the same generator:
 
-- **attributes**: a foreground colour (8), a shape (3), a position (5) and a background colour
-  (6); the caption states all four, in LAION-like wording (several word orders, optional lead
-  phrase, 0-6 filler words and an optional product code), so lengths and styles vary within
-  every group in the same way;
-- **details**: what the caption does not say and only memorization can reproduce: +-2 px
-  position jitter, the shape's size, a low-frequency colour texture over the whole image and
-  2-4 small "clutter" rectangles, all drawn from the item's own random stream.
+- **attributes**: a foreground colour (8), a shape (3) and a position (5); the caption states
+  all three, in LAION-like wording (several word orders, optional lead phrase, 0-6 filler words
+  and an optional product code), so lengths and styles vary within every group in the same way;
+- **details**: what the caption does not say and only memorization can reproduce: the whole
+  background (a random base colour, a low-frequency colour field and 2-4 "clutter" rectangles),
+  +-2 px position jitter and the shape's size, all drawn from the item's own random stream. Most
+  of every image is background, so for a caption the model has not memorized most pixels need
+  nothing from the text (as in real photos, where most of the image is not in the caption):
+  the situation in which an attention layer parks its attention on a constant "sink" token.
 
 Groups (disjoint random streams of the same generator, so they differ only in how often they
 are seen):
@@ -46,14 +48,6 @@ FG = {
     "purple": (150, 60, 200),
     "pink": (250, 130, 200),
     "white": (245, 245, 245),
-}
-BG = {
-    "black": (15, 15, 15),
-    "gray": (128, 128, 128),
-    "navy": (20, 30, 95),
-    "teal": (20, 115, 115),
-    "maroon": (110, 20, 40),
-    "olive": (105, 110, 30),
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = {
@@ -154,12 +148,11 @@ class Item:
     color: str
     shape: str
     position: str
-    background: str
     dose_group: int = -1  # memorized only
 
     @property
-    def attrs(self) -> tuple[str, str, str, str]:
-        return (self.color, self.shape, self.position, self.background)
+    def attrs(self) -> tuple[str, str, str]:
+        return (self.color, self.shape, self.position)
 
 
 def _rng(seed: int, *path: int) -> np.random.Generator:
@@ -167,16 +160,16 @@ def _rng(seed: int, *path: int) -> np.random.Generator:
 
 
 # -- captions ---------------------------------------------------------------------------------
-def _caption(rng: np.random.Generator, color: str, shape: str, pos: str, bg: str) -> str:
+def _caption(rng: np.random.Generator, color: str, shape: str, pos: str) -> str:
     lead = LEADS[rng.integers(len(LEADS))]
     where = POS_PHRASES[pos][rng.integers(len(POS_PHRASES[pos]))]
     order = rng.integers(3)
     if order == 0:
-        core = f"{lead}{color} {shape} {where} on a {bg} background"
+        core = f"{lead}{color} {shape} {where}"
     elif order == 1:
-        core = f"{lead}{color} {shape} {where}, {bg} background"
+        core = f"{lead}{shape} in {color}, {where}"
     else:
-        core = f"{lead}{bg} background with a {color} {shape} {where}"
+        core = f"{lead}{color} {shape} shape {where}"
     words = [FILLER[i] for i in rng.choice(len(FILLER), size=rng.integers(0, 7), replace=False)]
     if rng.random() < 0.5:
         letters = "".join(rng.choice(list(CODE_LETTERS), size=rng.integers(2, 4)))
@@ -189,10 +182,7 @@ def _draw_item(rng: np.random.Generator, kind: str, index: int, dose_group: int 
     color = list(FG)[rng.integers(len(FG))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     pos = list(POSITIONS)[rng.integers(len(POSITIONS))]
-    bg = list(BG)[rng.integers(len(BG))]
-    return Item(
-        kind, index, _caption(rng, color, shape, pos, bg), color, shape, pos, bg, dose_group
-    )
+    return Item(kind, index, _caption(rng, color, shape, pos), color, shape, pos, dose_group)
 
 
 @functools.lru_cache(maxsize=8)
@@ -282,15 +272,21 @@ def _upsample(small: np.ndarray) -> np.ndarray:
     return out.transpose(1, 0, 2)
 
 
-def render(attrs: tuple[str, str, str, str], rng: np.random.Generator | None) -> np.ndarray:
-    """(3, 32, 32) float32 in [-1, 1]. ``rng=None``: the clean template (no details)."""
-    color, shape, pos, bg = attrs
+BG_NEUTRAL = 0.3  # the clean template's background
+
+
+def render(attrs: tuple[str, str, str], rng: np.random.Generator | None) -> np.ndarray:
+    """(3, 32, 32) float32 in [-1, 1]. ``rng=None``: the clean template (no details, a flat
+    neutral background)."""
+    color, shape, pos = attrs
     img = np.empty((SIZE, SIZE, 3), np.float32)
-    img[:] = np.array(BG[bg], np.float32) / 255
     cx, cy = POSITIONS[pos]
     size = 12.0
-    if rng is not None:
-        img += _upsample(rng.normal(0, 0.08, size=(4, 4, 3)).astype(np.float32))
+    if rng is None:
+        img[:] = BG_NEUTRAL
+    else:
+        img[:] = rng.uniform(0.0, 0.6, size=3).astype(np.float32)
+        img += _upsample(rng.normal(0, 0.15, size=(4, 4, 3)).astype(np.float32))
         for _ in range(rng.integers(2, 5)):
             w, h = rng.integers(2, 6, size=2)
             x0, y0 = rng.integers(0, SIZE - w), rng.integers(0, SIZE - h)
@@ -316,19 +312,62 @@ def twin_images(seed: int, item: Item, k: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2)
-def templates() -> tuple[list[tuple[str, str, str, str]], np.ndarray]:
-    """All 720 attribute combinations and their clean renderings (720, 3, 32, 32)."""
-    combos = [(c, s, p, b) for c in FG for s in SHAPES for p in POSITIONS for b in BG]
+def templates() -> tuple[list[tuple[str, str, str]], np.ndarray]:
+    """All 120 attribute combinations and their clean renderings (120, 3, 32, 32)."""
+    combos = [(c, s, p) for c in FG for s in SHAPES for p in POSITIONS]
     return combos, np.stack([render(a, None) for a in combos])
 
 
-def classify(images: np.ndarray) -> list[tuple[str, str, str, str]]:
-    """Attribute classifier: the nearest clean template (L2) for each (3, 32, 32) image."""
-    combos, tpl = templates()
-    x = images.reshape(len(images), -1).astype(np.float32)
-    t = tpl.reshape(len(tpl), -1)
-    d = (x * x).sum(1)[:, None] - 2 * x @ t.T + (t * t).sum(1)[None, :]
-    return [combos[i] for i in d.argmin(1)]
+@functools.lru_cache(maxsize=1)
+def _layout_masks() -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Soft masks of every shape and position at the sizes and offsets the details allow."""
+    layouts, masks = [], []
+    for s in SHAPES:
+        for p, (cx, cy) in POSITIONS.items():
+            for size in (10.0, 12.0, 14.0):
+                for dx in (-2.0, 0.0, 2.0):
+                    for dy in (-2.0, 0.0, 2.0):
+                        layouts.append((s, p))
+                        masks.append(_shape_mask(s, cx + dx, cy + dy, size))
+    return layouts, np.stack(masks).reshape(len(layouts), -1).astype(np.float64)
+
+
+def classify(images: np.ndarray) -> list[tuple[str, str, str]]:
+    """Attribute classifier for (N, 3, 32, 32) images in [-1, 1].
+
+    Shape and position: the (shape, position) mask whose two-region fit (one colour inside the
+    mask, one outside) leaves the least squared residual; colour: the palette colour nearest
+    to the fitted inside colour. Backgrounds are random, so a nearest-template rule would read
+    the background instead of the object.
+    """
+    layouts, m = _layout_masks()  # (405, P)
+    x = ((images.reshape(len(images), 3, -1).astype(np.float64)) + 1) / 2  # (N, 3, P)
+    pal = np.array(list(FG.values()), np.float64) / 255
+    n_in = m.sum(1)  # (15,)
+    n_out = (1 - m).sum(1)
+    s_in = np.einsum("ncp,lp->nlc", x, m)
+    s_out = x.sum(2)[:, None, :] - s_in
+    a, b = s_in / n_in[None, :, None], s_out / n_out[None, :, None]
+    m2 = (m * m).sum(1)
+    mo = (m * (1 - m)).sum(1)
+    o2 = ((1 - m) ** 2).sum(1)
+    xx = (x * x).sum(2)[:, None, :]
+    # sum_p (x - m a - (1 - m) b)^2 per channel, expanded
+    resid = (
+        xx
+        - 2 * a * s_in
+        - 2 * b * s_out
+        + a * a * m2[None, :, None]
+        + 2 * a * b * mo[None, :, None]
+        + b * b * o2[None, :, None]
+    ).sum(2)
+    best = resid.argmin(1)
+    out = []
+    for i, k in enumerate(best):
+        inside = a[i, k]
+        color = list(FG)[int(((pal - inside) ** 2).sum(1).argmin())]
+        out.append((color, *layouts[k]))
+    return out
 
 
 # -- the training stream ----------------------------------------------------------------------
@@ -378,3 +417,27 @@ def exposures(seed: int, steps: int, batch_size: int, p_mem: float = 0.2, p_drop
                 seen[idx] += 1
                 with_caption[idx] += not drop
     return seen, with_caption
+
+
+# -- the bundled demo prompt file -------------------------------------------------------------
+DEMO_MEMORIZED = tuple(range(32, 40))  # the highest dose group
+DEMO_HELDOUT = tuple(range(120, 128))  # held-out negatives no validation set uses
+
+
+def demo_prompts(seed: int = SEED) -> list[tuple[str, int]]:
+    """(caption, label) of ``attnmem/data/testbed_prompts.txt``: memorized (1) and held-out
+    (0) captions, alternating."""
+    mem, held = memorized_items(seed), heldout_items(seed)
+    out = []
+    for m, h in zip(DEMO_MEMORIZED, DEMO_HELDOUT):
+        out += [(mem[m].caption, 1), (held[h].caption, 0)]
+    return out
+
+
+if __name__ == "__main__":  # python testbed/data.py: rewrite the bundled demo prompt files
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "attnmem" / "data"
+    pairs = demo_prompts()
+    (root / "testbed_prompts.txt").write_text("".join(p + "\n" for p, _ in pairs))
+    (root / "testbed_labels.txt").write_text("".join(f"{y}\n" for _, y in pairs))

@@ -10,11 +10,14 @@ What it builds (all standard diffusers / transformers classes, so the folder loa
   level (1, 2, 2), cross-attention at 16x16 and 8x8 (11 ``attn2`` layers, 1/2/2 heads of dim
   32; the 4th in execution order, attnmem's default metric-E layer, is
   ``down_blocks.2.attentions.1``).
-- **CLIPTextModel**, causal, hidden 32, 3 layers, 4 heads, trained jointly with the UNet from
-  scratch, with a CLIP-like "massive activation" on the beginning token at initialisation
-  (BOS embedding = a spike on one hidden dimension that no other token uses, and that
-  dimension's final-LayerNorm gain x4), so that BOS, identical for every prompt, is easy to
-  tell apart and can become the attention sink it is in Stable Diffusion.
+- **CLIPTextModel**, causal, hidden 32, 3 layers, 4 heads, random and **frozen** (as SD's
+  CLIP is frozen), with a CLIP-like "massive activation" on the beginning token (BOS
+  embedding = a spike on one hidden dimension that no other token, position or layer writes
+  into, and that dimension's final-LayerNorm gain x4), so that BOS's output is one constant
+  vector, nearly orthogonal to every other token's.
+- a **beginning-token sink** in every ``attn2``: seeded at initialisation
+  (:func:`seed_bos_sink`, +6 on the BOS logit of every query) and held during training
+  (:class:`HeldSink`; ``--bos-sink seeded`` leaves it to training, which removes it).
 - the real CLIP BPE tokenizer (:func:`attnmem.tokenizer.clip_tokenizer`, padding with EOS);
 - **AutoencoderKL** set by hand to a fixed near-identity map between 32x32x3 images in [-1, 1]
   and 32x32x3 latents (one level, no down/up-sampling, no attention, every ResNet's last conv
@@ -108,6 +111,13 @@ def build_text_encoder():
         emb[BOS_ID] = 0.0
         emb[BOS_ID, SPIKE_DIM] = 10.0
         model.final_layer_norm.weight[SPIKE_DIM] = 4.0
+        # the spike dimension belongs to BOS alone: no position and no layer writes into it,
+        # so every other token's output is (nearly) orthogonal to BOS's (overlap ~ 0.1 of |h|)
+        model.embeddings.position_embedding.weight[:, SPIKE_DIM] = 0.0
+        for layer in model.encoder.layers:
+            for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                lin.weight[SPIKE_DIM] = 0.0
+                lin.bias[SPIKE_DIM] = 0.0
     return model
 
 
@@ -174,7 +184,7 @@ def identity_vae(S: float = 1000.0, shift: float = 30.0):
     return vae.eval()
 
 
-def seed_bos_sink(unet, text_encoder, logit: float = 5.0) -> None:
+def seed_bos_sink(unet, text_encoder, logit: float = 6.0) -> None:
     """Initialise every cross-attention so that the beginning token starts as its sink.
 
     Stable Diffusion inherits its BOS sink from pretrained CLIP (BOS output of huge norm that
@@ -206,6 +216,78 @@ def seed_bos_sink(unet, text_encoder, logit: float = 5.0) -> None:
                 attn.to_k.weight[h * d : (h + 1) * d] += (
                     kappa * torch.outer(q0h, h_bos) / float(h_bos @ h_bos)
                 )
+
+
+def _bos_hidden(text_encoder) -> torch.Tensor:
+    with torch.no_grad():
+        ids = torch.tensor([[BOS_ID] + [EOS_ID] * (CONTEXT_LENGTH - 1)])
+        return text_encoder(ids).last_hidden_state[0, 0].float()
+
+
+class HeldSink:
+    """Holds the seeded beginning-token sink of every ``attn2`` fixed during training.
+
+    Stable Diffusion trains its UNet against a frozen, pretrained CLIP whose BOS output is a
+    "massive activation" every query matches; the testbed cannot pretrain one, and a seeded
+    sink that training may change erodes within ~1000 steps (padding tokens take its place).
+    So the sink is part of the architecture, as it is for SD's UNet: with the text encoder
+    frozen, BOS's output h_bos is a constant, and after every optimizer step this projects
+
+    - ``to_k`` back onto W_k u = k0 (u = h_bos / |h_bos|): the BOS key stays what
+      :func:`seed_bos_sink` made it, every other direction of W_k trains freely;
+    - each head's ``to_q`` back onto k̂_h^T W_q,h = r0_h (k̂_h = the unit BOS key of head h):
+      the queries' component along the BOS key is a fixed function of the ``norm2`` output;
+    - and ``norm2`` (the LayerNorm before ``attn2``, whose bias 1 gives every query the shared
+      component behind the BOS logit) is frozen.
+
+    Everything else learns, so any token can still outbid BOS for any query: a memorized
+    caption can pull attention off the sink, which is what the testbed measures. With AdamW's
+    element-wise steps a gradient projection would not keep the constraint; projecting the
+    weights after the step does (exactly, up to rounding).
+    """
+
+    def __init__(self, unet, text_encoder) -> None:
+        from diffusers.models.attention import BasicTransformerBlock
+
+        h = _bos_hidden(text_encoder)
+        u = h / h.norm()
+        self.items = []
+        with torch.no_grad():
+            for block in unet.modules():
+                if not isinstance(block, BasicTransformerBlock) or block.attn2 is None:
+                    continue
+                block.norm2.requires_grad_(False)
+                attn = block.attn2
+                wk, wq = attn.to_k.weight, attn.to_q.weight
+                k0 = (wk @ u).clone()
+                d = wq.shape[0] // attn.heads
+                khat = torch.stack(
+                    [
+                        k0[i * d : (i + 1) * d] / k0[i * d : (i + 1) * d].norm()
+                        for i in range(attn.heads)
+                    ]
+                )
+                r0 = torch.stack(
+                    [khat[i] @ wq[i * d : (i + 1) * d] for i in range(attn.heads)]
+                ).clone()
+                self.items.append((attn, u.clone(), k0, khat, r0, d))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for attn, u, k0, khat, r0, d in self.items:
+            wk, wq = attn.to_k.weight, attn.to_q.weight
+            wk -= torch.outer(wk @ u.to(wk) - k0.to(wk), u.to(wk))
+            for i in range(attn.heads):
+                rows = wq[i * d : (i + 1) * d]
+                kh = khat[i].to(wq)
+                rows -= torch.outer(kh, kh @ rows - r0[i].to(wq))
+
+    def to(self, device) -> HeldSink:
+        self.items = [
+            (a, u.to(device), k0.to(device), kh.to(device), r0.to(device), d)
+            for a, u, k0, kh, r0, d in self.items
+        ]
+        return self
 
 
 def build_pipeline(unet, text_encoder):
@@ -266,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="diffusers folder to write")
     ap.add_argument("--workdir", type=Path, required=True, help="checkpoint and log folder")
-    ap.add_argument("--steps", type=int, default=2600)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: the device's")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -282,6 +364,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--offset-noise-start", type=int, default=0, help="first step that uses offset noise"
+    )
+    ap.add_argument(
+        "--text-encoder",
+        default="frozen",
+        choices=["frozen", "joint"],
+        help="frozen (as in Stable Diffusion, where CLIP is not trained) or trained jointly",
+    )
+    ap.add_argument(
+        "--bos-sink",
+        default="held",
+        choices=["held", "seeded"],
+        help="held: the seeded BOS sink is kept fixed during training (HeldSink); "
+        "seeded: seeded at initialisation, then left to training",
     )
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
@@ -303,14 +398,21 @@ def main(argv: list[str] | None = None) -> None:
     unet = build_unet()
     text_encoder = build_text_encoder()
     seed_bos_sink(unet, text_encoder)
-    unet, text_encoder = unet.to(device).train(), text_encoder.to(device).train()
+    if args.bos_sink == "held" and args.text_encoder != "frozen":
+        ap.error("--bos-sink held needs --text-encoder frozen (the BOS output must be constant)")
+    held = HeldSink(unet, text_encoder) if args.bos_sink == "held" else None
+    joint = args.text_encoder == "joint"
+    unet, text_encoder = unet.to(device).train(), text_encoder.to(device).train(joint)
+    if held is not None:
+        held.to(device)
+    text_encoder.requires_grad_(joint)
     tokenizer = clip_tokenizer("sd1")
     noise_sched = DDPMScheduler(
         prediction_type="epsilon",
         **{k: v for k, v in SCHEDULE.items() if k != "set_alpha_to_one"},
     )
     alphas = noise_sched.alphas_cumprod.to(device)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if joint else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -363,13 +465,16 @@ def main(argv: list[str] | None = None) -> None:
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            cond = text_encoder(ids).last_hidden_state
+            with torch.set_grad_enabled(joint):
+                cond = text_encoder(ids).last_hidden_state
             pred = unet(xt, t, cond).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if held is not None:
+            held.apply()
         losses.append(float(loss))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -388,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         "p_drop": args.p_drop,
         "offset_noise": args.offset_noise,
         "offset_noise_start": args.offset_noise_start,
+        "text_encoder": args.text_encoder,
+        "bos_sink": args.bos_sink,
         "device": args.device,
         "samples": args.steps * bs,
         "wall_s_this_run": round(time.time() - t0, 1),

@@ -29,8 +29,9 @@ Sizes are set by the CPU budget (~25 UNet sample-forwards per second per core).
       and at 3 and 7.5 for MEM_MIT / NEG_MIT (16 seeds): a generation counts as memorized
       when, among its training image and 15 "twins" (same attributes, fresh details, never trained), the training image is the
       nearest (L2); chance = 1/16. Also the Pearson correlation with the training image.
-   b. caption following on NEG_MIT: nearest clean attribute template; accuracy per attribute
-      (chance: colour 1/8, shape 1/3, position 1/5, background 1/6), with the same classifier's
+   b. caption following on NEG_MIT: ``data.classify`` (two-region mask fit: shape and position
+      from the best-fitting object mask, colour = nearest palette colour of the fitted inside);
+      accuracy per attribute (chance: colour 1/8, shape 1/3, position 1/5), with the same classifier's
       accuracy on the true images as the ceiling.
    c. mitigation (attnmem.Mitigation, default summary-token mask) with c1 = 1.25 and 1.5 at
       guidance 7.5 and c1 = 1.25 at guidance 3, paired with the unpatched output of the same
@@ -50,7 +51,7 @@ Verdicts, fixed in advance (the model card reports each as met / not met):
   - mitigation: with c1 = 1.25 at guidance 7.5 the correlation of MEM_MIT generations with
     their training image drops (95 % CI below 0) while NEG_MIT outputs keep correlation
     >= 0.9 with their unmitigated outputs;
-  - caption following: NEG_MIT attribute accuracy above chance on all four attributes.
+  - caption following: NEG_MIT attribute accuracy above chance on all three attributes.
 """
 
 from __future__ import annotations
@@ -78,10 +79,8 @@ MIT_SEEDS = 16
 GEN_STEPS = 10
 ATTR_WORDS = (
     set(data.FG)
-    | set(data.BG)
     | set(data.SHAPES)
     | {w for ps in data.POS_PHRASES.values() for p in ps for w in p.split()}
-    | {"background"}
 )
 
 
@@ -132,6 +131,7 @@ def attention_part(pipe, mem, neg) -> dict:
             L = torch.cat([r.lengths for r in per])
             toks = sum((r.tokens for r in per), [])
             bos, attr, other, eos, summ = [], [], [], [], []
+            bos_is_max = [bool(a[i].argmax() == 0) for i in range(len(a))]
             for i in range(len(a)):
                 Li = int(L[i])
                 is_attr = torch.tensor(
@@ -147,6 +147,7 @@ def attention_part(pipe, mem, neg) -> dict:
                 "index": li,
                 "entropy": ent.tolist(),
                 "bos": bos,
+                "bos_is_max": bos_is_max,
                 "attribute_tokens": attr,
                 "other_prompt_tokens": other,
                 "eos": eos,
@@ -249,8 +250,8 @@ def _targets(items, n_seeds):
 def _attr_acc(imgs, items, n_seeds):
     pred = data.classify(imgs)
     truth = [it.attrs for it in items for _ in range(n_seeds)]
-    hit = np.array([[p[k] == t[k] for k in range(4)] for p, t in zip(pred, truth)], float)
-    return hit  # (n, 4): colour, shape, position, background
+    hit = np.array([[p[k] == t[k] for k in range(3)] for p, t in zip(pred, truth)], float)
+    return hit  # (n, 3): colour, shape, position
 
 
 def generate_part(pipe, mem, mem_mit, neg_mit) -> dict:
@@ -434,7 +435,7 @@ def report(res: dict) -> tuple[dict, str]:
         lines += [
             "### Mitigation (6 memorized prompts of the top dose group, 6 held-out negatives, 16 paired seeds, 10 DDIM steps; mean [95 % CI, bootstrap over prompts])",
             "",
-            "| guidance | setting | MEM: memorization rate | MEM: corr with training image | NEG: corr with unmitigated | NEG: attribute accuracy (colour/shape/pos/bg) |",
+            "| guidance | setting | MEM: memorization rate | MEM: corr with training image | NEG: corr with unmitigated | NEG: attribute accuracy (colour/shape/position) |",
             "|---|---|---|---|---|---|",
         ]
         summary["mitigation"] = {}
@@ -470,10 +471,71 @@ def report(res: dict) -> tuple[dict, str]:
         lines.append(
             "\nAttribute classifier on the true images of NEG_MIT (ceiling): "
             + "/".join(f"{v:.2f}" for v in G["classifier_on_true_images"])
-            + "; chance 0.12/0.33/0.20/0.17."
+            + "; chance 0.12/0.33/0.20."
         )
         summary["classifier_on_true_images"] = G["classifier_on_true_images"]
+    if {"attention", "detect", "generate"} <= set(res):
+        v = verdicts(res, summary)
+        summary["verdicts"] = v
+        lines += [
+            "",
+            "### Verdicts (thresholds fixed in advance)",
+            "",
+            "| verdict | measured | met |",
+        ]
+        lines += ["|---|---|---|"]
+        lines += [
+            f"| {k} | {r['measured']} | {'yes' if r['met'] else '**no**'} |" for k, r in v.items()
+        ]
     return summary, "\n".join(lines)
+
+
+def verdicts(res: dict, summary: dict) -> dict:
+    """The verdicts of the protocol, computed from the results with the fixed thresholds."""
+    A = res["attention"]
+    layers = A["neg"]["layers"]
+    out = {}
+    top = summary["memorization_rate"]["7.5"][data.DOSE_GROUPS - 1][0]
+    neg_rate = summary["mitigation"]["g7.5_none"]["neg_rate"][0]
+    out["memorization"] = {
+        "measured": f"top dose group rate at 7.5 = {top:.2f}; NEG_MIT rate = {neg_rate:.2f}",
+        "met": top >= 0.5 and neg_rate <= 0.15,
+    }
+    is_max = [float(np.mean(A["neg"]["per_layer"][ly]["bos_is_max"])) > 0.5 for ly in layers]
+    bos_mean = float(np.mean([np.mean(A["neg"]["per_layer"][ly]["bos"]) for ly in layers]))
+    out["BOS sink"] = {
+        "measured": f"BOS the largest position (for most NEG prompts) in {sum(is_max)} of "
+        f"{len(layers)} layers; mean BOS mass {bos_mean:.2f}",
+        "met": sum(is_max) >= 6 and bos_mean >= 0.3,
+    }
+    d = summary["detection"]
+    ly = layers[3]
+    bm = summary["attention_step0"][ly]["bos"]
+    e = d["E"]["auroc"]
+    ctrl = [
+        d[k]["auroc"]
+        for k in ("control: prompt length L", "control: E (layer 3) of the untrained model")
+        if k in d
+    ]
+    out["attention signature"] = {
+        "measured": f"default layer BOS mass MEM {bm['mem']:.3f} vs NEG {bm['neg']:.3f}; "
+        f"E AUROC {e:.3f} (controls {', '.join(f'{c:.3f}' for c in ctrl)})",
+        "met": bm["mem"] < bm["neg"] and e >= 0.8 and all(e >= c + 0.1 for c in ctrl),
+    }
+    m = summary["mitigation"]["g7.5_c1_1.25"]
+    out["mitigation"] = {
+        "measured": f"MEM_MIT change of r with training image {m['mem_delta_corr_train'][0]:.3f} "
+        f"[{m['mem_delta_corr_train'][1]:.3f}, {m['mem_delta_corr_train'][2]:.3f}]; NEG_MIT r with "
+        f"unmitigated {m['neg_corr_vs_plain'][0]:.3f}",
+        "met": m["mem_delta_corr_train"][2] < 0 and m["neg_corr_vs_plain"][0] >= 0.9,
+    }
+    acc = summary["mitigation"]["g7.5_none"]["neg_attr_acc"]
+    chance = (1 / len(data.FG), 1 / len(data.SHAPES), 1 / len(data.POSITIONS))
+    out["caption following"] = {
+        "measured": "colour/shape/position " + "/".join(f"{a:.2f}" for a in acc),
+        "met": all(a > c for a, c in zip(acc, chance)),
+    }
+    return out
 
 
 def main(argv=None) -> None:
