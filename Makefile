@@ -32,14 +32,14 @@ pytest: build
 
 test: lint pytest
 
-# Scans the bundled demo prompts (12 memorized, 12 not) with the default model and writes the
-# report. The default model, tiny-sd1, has RANDOM weights: the demo shows the tooling, and its
-# scores say nothing about memorization. Metric E needs only the first step (early exit).
+# Scans the bundled testbed prompts (8 memorized, 8 held-out) with the default model, attnmem's
+# bundled testbed (attnmem/data/testbed: a 32x32 model trained on synthetic captions, 40 of them
+# memorized), and writes the report. Metric E needs only the first step (early exit).
 DEMO_OUT ?= report/demo
 demo: build
 	rm -rf $(DEMO_OUT)
-	$(PY) -m attnmem scan attnmem/data/demo_prompts.txt --metric E --out $(DEMO_OUT)/results.jsonl
-	$(PY) -m attnmem report $(DEMO_OUT)/results.jsonl --labels attnmem/data/demo_labels.txt -o $(DEMO_OUT)
+	$(PY) -m attnmem scan attnmem/data/testbed_prompts.txt --metric E --out $(DEMO_OUT)/results.jsonl
+	$(PY) -m attnmem report $(DEMO_OUT)/results.jsonl --labels attnmem/data/testbed_labels.txt -o $(DEMO_OUT)
 
 # Benchmarks (not part of `make test`): op table, then the SD1.x UNet table; both written to
 # bench/results/ with the machine, torch version and commit.

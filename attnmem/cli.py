@@ -33,9 +33,11 @@ failed ones. A prompt that fails is recorded with its error and the scan goes on
 
 _MODEL_HELP = (
     "a local diffusers pipeline folder or a hub id (loaded with use_safetensors=True and "
-    "trust_remote_code=False), or a built-in name: tiny-sd1, tiny-sd2, tiny-sdxl. "
-    "Default: tiny-sd1, a tiny RANDOM-WEIGHT model for demonstration only: its scores say "
-    "nothing about memorization."
+    "trust_remote_code=False), or a built-in name: testbed, tiny-sd1, tiny-sd2, tiny-sdxl. "
+    "Default: testbed, attnmem's bundled 32x32 model trained on synthetic captions of which 40 "
+    "are memorized (prompts of its own style: attnmem/data/testbed_prompts.txt; model card: "
+    "attnmem/data/testbed/README.md). tiny-sd1, tiny-sd2 and tiny-sdxl are tiny RANDOM-WEIGHT "
+    "models for demonstration only: their scores say nothing about memorization."
 )
 
 
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("prompts", type=Path, metavar="PROMPTS", help="prompt file, one per line")
     scan.add_argument("--out", "-o", type=Path, required=True, help="results file (JSON lines)")
-    scan.add_argument("--model", default="tiny-sd1", help=_MODEL_HELP)
+    scan.add_argument("--model", default="testbed", help=_MODEL_HELP)
     scan.add_argument(
         "--metric",
         choices=["E", "D", "wen", "carlini"],

@@ -31,18 +31,20 @@ one-process run with the same batch size, because seeds and batch blocks depend 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "BUILTIN_MODELS",
+    "BUNDLED_MODELS",
     "DEFAULT_MODEL",
     "ScanError",
     "ScanOptions",
@@ -55,14 +57,18 @@ __all__ = [
     "run_scan",
 ]
 
-# Built-in model names -> attnmem.testing factories (random weights, for demos and tests).
+# Built-in model names -> attnmem.testing factories (random weights: their scores demonstrate the
+# tooling and mean nothing about memorization).
 BUILTIN_MODELS: dict[str, str] = {
     "tiny-sd1": "tiny_sd1_pipeline",
     "tiny-sd2": "tiny_sd2_pipeline",
     "tiny-sdxl": "tiny_sdxl_pipeline",
 }
-# Random weights: its scores demonstrate the tooling and mean nothing about memorization.
-DEFAULT_MODEL = "tiny-sd1"
+# Trained models shipped inside the package (diffusers folders, safetensors only).
+BUNDLED_MODELS: dict[str, Path] = {
+    "testbed": Path(__file__).resolve().parent / "data" / "testbed",
+}
+DEFAULT_MODEL = "testbed"
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Ranks may finish far apart (one slow shard); the final barrier must outwait that.
@@ -288,6 +294,11 @@ def load_pipeline(model: str, device: Any, dtype: Any) -> Any:
         pipe = getattr(testing, BUILTIN_MODELS[model])()
         if dtype != torch.float32:  # built in fp32; casting to fp32 again only warns
             pipe = pipe.to(dtype=dtype)
+    elif model in BUNDLED_MODELS:
+        folder = BUNDLED_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise ScanError(f"--model {model}: the bundled model is missing from {folder}")
+        pipe = _from_pretrained(str(folder), dtype)
     else:
         pipe = _from_pretrained(model, dtype)
     pipe = pipe.to(device)
@@ -305,6 +316,24 @@ def _dtype_keyword() -> str:
     return "dtype"
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Turn diffusers' and transformers' loading progress bars off, then restore them."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
 def _from_pretrained(model: str, dtype: Any) -> Any:
     from diffusers import DiffusionPipeline
 
@@ -318,7 +347,7 @@ def _from_pretrained(model: str, dtype: Any) -> Any:
     elif model.startswith(("/", ".", "~")) or model.count("/") > 1:
         raise ScanError(
             f"--model {model}: no such folder (and not a hub id 'owner/name'); "
-            f"built-in names: {', '.join(BUILTIN_MODELS)}"
+            f"built-in names: {', '.join([*BUNDLED_MODELS, *BUILTIN_MODELS])}"
         )
     kwargs: dict[str, Any] = {
         "use_safetensors": True,
@@ -329,6 +358,13 @@ def _from_pretrained(model: str, dtype: Any) -> Any:
         config = DiffusionPipeline.load_config(model)
         if "safety_checker" in config:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+        if local.exists():
+            import importlib.util
+
+            if importlib.util.find_spec("accelerate") is None:
+                kwargs["low_cpu_mem_usage"] = False  # the default would only warn without it
+            with _quiet_progress_bars():  # a local folder loads in a second: no bars
+                return DiffusionPipeline.from_pretrained(model, **kwargs)
         return DiffusionPipeline.from_pretrained(model, **kwargs)
     except ScanError:
         raise

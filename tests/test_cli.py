@@ -100,12 +100,12 @@ def test_scan_end_to_end(tmp_path, prompt_file, loads, capsys):
     recs = read(out)
     assert [r["id"] for r in recs] == list(range(len(NON_BLANK)))  # blank lines do not count
     assert [r["prompt"] for r in recs] == NON_BLANK  # stripped
-    assert loads == [("tiny-sd1", "cpu", "torch.float32")]
+    assert loads == [("testbed", "cpu", "torch.float32")]  # the default
     for r in recs:
         assert set(r) == RECORD_KEYS
         assert r["seed"] == 5 + r["id"]
         assert r["error"] is None and math.isfinite(r["score"])
-        assert r["metric"] == "E" and r["model"] == "tiny-sd1" and r["dtype"] == "float32"
+        assert r["metric"] == "E" and r["model"] == "testbed" and r["dtype"] == "float32"
         assert r["settings"]["layer"] == 3 and r["settings"]["num_inference_steps"] == 50
         assert len(r["tokens"]) == 77 and len(r["attention"]) == 77
         assert r["tokens"][0] == "<|startoftext|>" and r["tokens"][r["L"] - 1] == "<|endoftext|>"
@@ -296,13 +296,23 @@ def test_model_argument(tmp_path, shared_pipe, capsys):
     assert run("scan", prompts, "--out", out, "--model", folder) == 0
     via_folder = read(out)[0]
     out2 = tmp_path / "c.jsonl"
-    assert run("scan", prompts, "--out", out2) == 0  # the built-in default, tiny-sd1
+    assert run("scan", prompts, "--out", out2, "--model", "tiny-sd1") == 0
     builtin = read(out2)[0]
     assert via_folder["model"] == str(folder) and builtin["model"] == "tiny-sd1"
     assert via_folder["score"] == builtin["score"]
 
+    # The default is the bundled testbed model: the same scores as its folder.
+    from attnmem.scan import BUNDLED_MODELS
 
-def test_help_says_the_default_model_is_random(tmp_path):
+    out3, out4 = tmp_path / "d.jsonl", tmp_path / "e.jsonl"
+    assert run("scan", prompts, "--out", out3) == 0
+    assert run("scan", prompts, "--out", out4, "--model", BUNDLED_MODELS["testbed"]) == 0
+    default, bundled = read(out3)[0], read(out4)[0]
+    assert default["model"] == "testbed" and default["score"] == bundled["score"]
+    assert default["score"] != builtin["score"]
+
+
+def test_help_names_the_default_model_and_the_random_ones(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "attnmem", "scan", "--help"],
         capture_output=True,
@@ -311,5 +321,5 @@ def test_help_says_the_default_model_is_random(tmp_path):
     )
     assert res.returncode == 0
     text = " ".join(res.stdout.split())
-    assert "RANDOM-WEIGHT model for demonstration only" in text
+    assert "Default: testbed" in text and "RANDOM-WEIGHT models for demonstration only" in text
     assert "blank lines are skipped" in text and "--resume" in text

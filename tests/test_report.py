@@ -185,7 +185,7 @@ def test_labels_must_cover_every_scored_prompt(tmp_path):
 
 
 def test_report_cli_after_a_real_scan(tmp_path, capsys):
-    """scan (built-in random-weight model) -> report, as `make demo` runs them."""
+    """scan -> report, as `make demo` runs them (a random-weight model, then the default)."""
     prompts = tmp_path / "p.txt"
     prompts.write_text(
         "The No Limits Business Woman Podcast\nMothers influence on her young hippo\n"
@@ -195,7 +195,7 @@ def test_report_cli_after_a_real_scan(tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("1\n1\n0\n0\n", encoding="utf-8")
     res = tmp_path / "results.jsonl"
-    assert cli.main(["scan", str(prompts), "--out", str(res)]) == 0
+    assert cli.main(["scan", str(prompts), "--out", str(res), "--model", "tiny-sd1"]) == 0
     capsys.readouterr()
     out_dir = tmp_path / "report"
     assert cli.main(["report", str(res), "--labels", str(labels), "-o", str(out_dir)]) == 0
@@ -208,6 +208,14 @@ def test_report_cli_after_a_real_scan(tmp_path, capsys):
     assert {"scores.png", "tokens.png", "report.html", "summary.json"} <= {
         p.name for p in out_dir.iterdir()
     }
+    # the default model is the trained testbed: no random-weight warning
+    res2, out2 = tmp_path / "default.jsonl", tmp_path / "report2"
+    assert cli.main(["scan", str(prompts), "--out", str(res2)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(res2), "--labels", str(labels), "-o", str(out2)]) == 0
+    printed = capsys.readouterr().out
+    assert "on testbed" in printed and "random-weight" not in printed
+    assert not json.loads((out2 / "summary.json").read_text(encoding="utf-8"))["demo_model"]
 
 
 def test_report_errors(tmp_path, capsys):
