@@ -12,11 +12,12 @@ Runs (same seed, same data stream, same number of steps, same optimizer settings
   (c) ``wen``:     attnmem.WenFilter(unet), the same threshold type, empty-prompt embeddings
                    from the *current* text encoder (recomputed each step, no grad).
 
-Training continues ``testbed/train.py`` exactly where it stopped (its stream at steps
-2000, 2001, ...: fresh never-seen negatives, the same memorized items, 10 % empty captions),
-with its loss (epsilon target, offset noise 0.1 as used from step 1000 on), AdamW(lr 5e-4,
-betas (0.9, 0.99), wd 0), gradient clipping at 1.0, and the text encoder trained jointly as in
-train.py. The committed folder has no optimizer state, so AdamW starts fresh; a 20-step
+Training continues ``testbed/train.py`` exactly where it stopped (its stream from the step in
+the model's training.json on: fresh never-seen negatives, the same memorized items, 10 % empty
+captions), with its loss (epsilon target, offset noise 0.1), AdamW(lr 5e-4, betas (0.9, 0.99),
+wd 0), gradient clipping at 1.0, and the model's own text-encoder and BOS-sink settings
+(training.json: a frozen text encoder and the held sink for the current testbed, a jointly
+trained one for the first). The committed folder has no optimizer state, so AdamW starts fresh; a 20-step
 linear warmup (train.py: 100 steps from scratch) keeps the first updates of a fresh Adam small.
 
 Per run we record the fraction dropped per step, who was dropped (memorized items vs
@@ -30,7 +31,7 @@ Evaluation (the same for the starting model and the three runs, paired seeds):
   - quality on held-out negatives 100-115 (never trained; validate.py uses 0-99, the demo
     file 120-127): denoising loss (8 fixed (t, noise) draws per item, generator seed 0,
     same offset noise as training) and attribute accuracy of generations (2 seeds, 10 DDIM
-    steps, guidance 7.5) by data.classify (nearest clean template).
+    steps, guidance 7.5) by data.classify.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from testbed import data  # noqa: E402
 from testbed import validate as V  # noqa: E402
 
 SEED = data.SEED
-START_STEP = 2000  # the committed model's training.json: steps = 2000
 BATCH = 32
 LR = 5e-4
 WARMUP = 20
@@ -95,14 +95,20 @@ def encode(pipe, captions):
     return pipe.text_encoder(ids).last_hidden_state
 
 
-def train_run(pipe, mode: str, steps: int, log) -> dict:
+def train_run(pipe, mode: str, steps: int, log, info: dict) -> dict:
+    """Continue training as ``testbed/train.py`` did for this model (``info`` = its
+    training.json): from its last step, with its text-encoder and BOS-sink settings."""
+    from testbed.train import HeldSink
+
     unet, te = pipe.unet, pipe.text_encoder
+    joint = info.get("text_encoder", "joint") == "joint"
+    held = HeldSink(unet, te) if info.get("bos_sink") == "held" else None  # freezes norm2
     unet.train()
-    te.train()
+    te.train(joint)
     alphas = alphas_cumprod()
-    params = list(unet.parameters()) + list(te.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    te.requires_grad_(joint)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    params += list(te.parameters()) if joint else []
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, betas=(0.9, 0.99))
     filt = None
     if mode == "entropy":
@@ -122,7 +128,7 @@ def train_run(pipe, mode: str, steps: int, log) -> dict:
         "score": [],  # per sample: (filter value, is memorized, empty caption, timestep)
     }
     for i in range(steps):
-        step = START_STEP + i
+        step = info["steps"] + i
         for g in opt.param_groups:
             g["lr"] = LR * min(1.0, (i + 1) / WARMUP)
         plan = data.batch_plan(SEED, step, BATCH, P_MEM, P_DROP)
@@ -136,7 +142,8 @@ def train_run(pipe, mode: str, steps: int, log) -> dict:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
 
         t0 = time.perf_counter()
-        cond = encode(pipe, captions)
+        with torch.set_grad_enabled(joint):
+            cond = encode(pipe, captions)
         pred = unet(xt, t, cond).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         if mode == "entropy":
@@ -152,6 +159,8 @@ def train_run(pipe, mode: str, steps: int, log) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if held is not None:
+            held.apply()
         rec["step_s"].append(time.perf_counter() - t0)
 
         drop = (w == 0).tolist()
@@ -220,7 +229,7 @@ def summarize(ev: dict, base: dict | None) -> dict:
         "mem_corr": V._boot_ci(co, pr),
         "neg_loss": float(np.mean(ev["neg_loss_per_item"])),
         "neg_attr_acc": hit.mean(0).tolist(),
-        "neg_attr_all4": float(hit.all(1).mean()),
+        "neg_attr_all": float(hit.all(1).mean()),
     }
     if base is not None:
         s["delta_mem_rate_vs_none"] = V._boot_ci(no - np.array(base["mem_nearest_own"], float), pr)
@@ -245,6 +254,7 @@ def main(argv=None) -> None:
         print(f"[{time.time() - T0:6.0f} s] {msg}", flush=True)
 
     res: dict = {"runs": {}, "eval": {}}
+    info = json.loads((Path(args.model) / "training.json").read_text())
     pipe = V.load(args.model)
     pipe.unet.eval()
     pipe.text_encoder.eval()
@@ -253,7 +263,7 @@ def main(argv=None) -> None:
     for mode in args.modes.split(","):
         torch.manual_seed(SEED)
         pipe = V.load(args.model)
-        res["runs"][mode] = train_run(pipe, mode, args.steps, log)
+        res["runs"][mode] = train_run(pipe, mode, args.steps, log, info)
         res["eval"][mode] = evaluate(pipe)
         log(f"evaluated {mode}")
 
@@ -296,15 +306,20 @@ def main(argv=None) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    commit += "+dirty" if dirty else ""
     settings = {
         "model": args.model,
-        "start_step": START_STEP,
+        "start_step": info["steps"],
         "steps": args.steps,
         "batch_size": BATCH,
         "lr": LR,
         "warmup_steps": WARMUP,
         "optimizer": "AdamW(betas=(0.9, 0.99), wd=0), fresh state; grad clip 1.0",
-        "text_encoder": "trained jointly (as testbed/train.py)",
+        "text_encoder": info.get("text_encoder", "joint") + " (as testbed/train.py)",
+        "bos_sink": info.get("bos_sink", "seeded") + " (as testbed/train.py)",
         "p_mem": P_MEM,
         "p_drop": P_DROP,
         "offset_noise": OFFSET,
@@ -345,7 +360,7 @@ def table(summary: dict, settings: dict, out: dict) -> str:
         "",
         "| model | dropped / step | dropped that are memorized | drop rate mem / neg | s / step (ratio to none) "
         "| MEM memorization rate | MEM corr with training image | Δ rate vs none | held-out loss "
-        "| attribute acc (col/shape/pos/bg) |",
+        "| attribute acc (colour/shape/position) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, s in summary.items():
