@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 import attnmem  # noqa: E402
 from attnmem import _ext, reference  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import git_commit  # noqa: E402  (bench/machine.py)
 
 NK = 77
 # (model, heads, head dim, queries): the attn2 layers of each UNet level.
@@ -351,25 +353,6 @@ def targets(cases: list[Case]) -> list[str]:
     fails = [c.name for c in cases if not c.verify.startswith("ok")]
     out.append(f"verification failures: {', '.join(fails) if fails else 'none'}")
     return out
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

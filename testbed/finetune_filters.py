@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,13 +48,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from machine import git_commit  # noqa: E402  (bench/machine.py)
 
 import attnmem  # noqa: E402
-from attnmem.testing import SD_SCHEDULE  # noqa: E402
 from attnmem.tokenizer import CONTEXT_LENGTH  # noqa: E402
 from attnmem.train import RunningZScore, WenFilter  # noqa: E402
 from testbed import data  # noqa: E402
 from testbed import validate as V  # noqa: E402
+from testbed.train import HeldSink, alphas_cumprod, noised_batch  # noqa: E402
 
 SEED = data.SEED
 BATCH = 32
@@ -74,16 +76,6 @@ def make_threshold():
     return RunningZScore(z=3.0, buckets=5, min_count=32)
 
 
-def alphas_cumprod() -> torch.Tensor:
-    from diffusers import DDPMScheduler
-
-    s = DDPMScheduler(
-        prediction_type="epsilon",
-        **{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"},
-    )
-    return s.alphas_cumprod
-
-
 def encode(pipe, captions):
     ids = pipe.tokenizer(
         captions,
@@ -98,8 +90,6 @@ def encode(pipe, captions):
 def train_run(pipe, mode: str, steps: int, log, info: dict) -> dict:
     """Continue training as ``testbed/train.py`` did for this model (``info`` = its
     training.json): from its last step, with its text-encoder and BOS-sink settings."""
-    from testbed.train import HeldSink
-
     unet, te = pipe.unet, pipe.text_encoder
     joint = info.get("text_encoder", "joint") == "joint"
     held = HeldSink(unet, te) if info.get("bos_sink") == "held" else None  # freezes norm2
@@ -132,14 +122,7 @@ def train_run(pipe, mode: str, steps: int, log, info: dict) -> dict:
         for g in opt.param_groups:
             g["lr"] = LR * min(1.0, (i + 1) / WARMUP)
         plan = data.batch_plan(SEED, step, BATCH, P_MEM, P_DROP)
-        captions, images = data.training_batch(SEED, step, BATCH, P_MEM, P_DROP)
-        x0 = torch.from_numpy(images)
-        gen = torch.Generator().manual_seed(SEED * 100003 + step)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (BATCH,), generator=gen)
-        noise = noise + OFFSET * torch.randn(BATCH, 3, 1, 1, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        captions, _, noise, t, xt = noised_batch(SEED, step, BATCH, P_MEM, P_DROP, OFFSET, alphas)
 
         t0 = time.perf_counter()
         with torch.set_grad_enabled(joint):
@@ -303,13 +286,6 @@ def main(argv=None) -> None:
                 summary[mode]["step_s_median"] / t_none["step_s_median"]
             )
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    ).stdout.strip()
-    commit += "+dirty" if dirty else ""
     settings = {
         "model": args.model,
         "start_step": info["steps"],
@@ -339,7 +315,7 @@ def main(argv=None) -> None:
         "raw": res,
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "torch": torch.__version__,
-        "git_commit": commit,
+        "git_commit": git_commit(),
         "wall_s": round(time.time() - T0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

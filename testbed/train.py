@@ -194,14 +194,13 @@ def seed_bos_sink(unet, text_encoder, logit: float = 6.0) -> None:
     transformer block's ``norm2`` (the LayerNorm before ``attn2``) gets bias 1, which gives
     every query the same component q0 = W_q 1, and ``to_k`` gets the rank-one term
     k += kappa_h q0_h (h_BOS . h) / |h_BOS|^2 per head h, which adds ``logit`` to the BOS score of
-    every query at initialisation (BOS mass 0.2-0.7 of 77 keys, by layer) and next to nothing for other
+    every query at initialisation (first-step BOS mass 0.4-0.9 with logit 6, by layer) and next to nothing for other
     tokens, whose output barely overlaps h_BOS (see :func:`build_text_encoder`).
     """
     from diffusers.models.attention import BasicTransformerBlock
 
     with torch.no_grad():
-        ids = torch.tensor([[BOS_ID] + [EOS_ID] * (CONTEXT_LENGTH - 1)])
-        h_bos = text_encoder(ids).last_hidden_state[0, 0]
+        h_bos = _bos_hidden(text_encoder)
         for block in unet.modules():
             if not isinstance(block, BasicTransformerBlock) or block.attn2 is None:
                 continue
@@ -276,11 +275,10 @@ class HeldSink:
     def apply(self) -> None:
         for attn, u, k0, khat, r0, d in self.items:
             wk, wq = attn.to_k.weight, attn.to_q.weight
-            wk -= torch.outer(wk @ u.to(wk) - k0.to(wk), u.to(wk))
+            wk -= torch.outer(wk @ u - k0, u)
             for i in range(attn.heads):
                 rows = wq[i * d : (i + 1) * d]
-                kh = khat[i].to(wq)
-                rows -= torch.outer(kh, kh @ rows - r0[i].to(wq))
+                rows -= torch.outer(khat[i], khat[i] @ rows - r0[i])
 
     def to(self, device) -> HeldSink:
         self.items = [
@@ -288,6 +286,43 @@ class HeldSink:
             for a, u, k0, kh, r0, d in self.items
         ]
         return self
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """The training noise schedule's cumulative alphas (SD's schedule, 1000 steps)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(
+        prediction_type="epsilon",
+        **{k: v for k, v in SCHEDULE.items() if k != "set_alpha_to_one"},
+    )
+    return sched.alphas_cumprod
+
+
+def noised_batch(
+    seed: int,
+    step: int,
+    batch_size: int,
+    p_mem: float,
+    p_drop: float,
+    offset_noise: float,
+    alphas: torch.Tensor,
+):
+    """Training batch ``step`` on the CPU: captions, x0, noise, timesteps t and the noised x_t.
+
+    A pure function of its arguments (data, noise and t all come from (seed, step)), so a
+    resumed or continued run sees exactly the batches an uninterrupted one would.
+    """
+    captions, images = data.training_batch(seed, step, batch_size, p_mem, p_drop)
+    x0 = torch.from_numpy(images)
+    gen = torch.Generator().manual_seed(seed * 100003 + step)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, 1000, (batch_size,), generator=gen)
+    if offset_noise > 0:
+        noise = noise + offset_noise * torch.randn(batch_size, 3, 1, 1, generator=gen)
+    a = alphas[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return captions, x0, noise, t, xt
 
 
 def build_pipeline(unet, text_encoder):
@@ -391,7 +426,6 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     amp = args.device == "cuda"
 
-    from diffusers import DDPMScheduler
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)
@@ -407,11 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         held.to(device)
     text_encoder.requires_grad_(joint)
     tokenizer = clip_tokenizer("sd1")
-    noise_sched = DDPMScheduler(
-        prediction_type="epsilon",
-        **{k: v for k, v in SCHEDULE.items() if k != "set_alpha_to_one"},
-    )
-    alphas = noise_sched.alphas_cumprod.to(device)
+    alphas = alphas_cumprod()
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if joint else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 
@@ -448,7 +478,11 @@ def main(argv: list[str] | None = None) -> None:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
-        captions, images = data.training_batch(args.seed, step, bs, args.p_mem, args.p_drop)
+        offset = args.offset_noise if step >= args.offset_noise_start else 0.0
+        captions, x0, noise, t, xt = noised_batch(
+            args.seed, step, bs, args.p_mem, args.p_drop, offset, alphas
+        )
+        noise, t, xt = noise.to(device), t.to(device), xt.to(device)
         ids = tokenizer(
             captions,
             padding="max_length",
@@ -456,14 +490,6 @@ def main(argv: list[str] | None = None) -> None:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(device)
-        x0 = torch.from_numpy(images).to(device)
-        gen = torch.Generator().manual_seed(args.seed * 100003 + step)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (bs,), generator=gen).to(device)
-        if args.offset_noise > 0 and step >= args.offset_noise_start:
-            noise = noise + args.offset_noise * torch.randn(bs, 3, 1, 1, generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             with torch.set_grad_enabled(joint):
                 cond = text_encoder(ids).last_hidden_state
