@@ -358,14 +358,15 @@ def _from_pretrained(model: str, dtype: Any) -> Any:
         config = DiffusionPipeline.load_config(model)
         if "safety_checker" in config:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
-        if local.exists():
+        quiet = contextlib.nullcontext()
+        if local.exists():  # a local folder loads in a second: no bars, no accelerate advice
             import importlib.util
 
             if importlib.util.find_spec("accelerate") is None:
-                kwargs["low_cpu_mem_usage"] = False  # the default would only warn without it
-            with _quiet_progress_bars():  # a local folder loads in a second: no bars
-                return DiffusionPipeline.from_pretrained(model, **kwargs)
-        return DiffusionPipeline.from_pretrained(model, **kwargs)
+                kwargs["low_cpu_mem_usage"] = False
+            quiet = _quiet_progress_bars()
+        with quiet:
+            return DiffusionPipeline.from_pretrained(model, **kwargs)
     except ScanError:
         raise
     except Exception as e:

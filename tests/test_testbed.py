@@ -164,3 +164,62 @@ def test_train_smoke_and_resume(tmp_path):
     train.main(["--steps", "4", *common])  # resumes at step 3
     state = torch.load(work / "checkpoint.pt", weights_only=False)
     assert state["step"] == 4 and len(state["losses"]) == 4
+
+
+def test_validation_verdicts_apply_the_fixed_thresholds(tmp_path):
+    import copy
+
+    from testbed import validate
+
+    committed = json.loads((ROOT / "bench/results/testbed_validation.json").read_text())
+    raw = committed["raw"]
+    summary, _ = validate.report(raw)
+    assert summary["verdicts"] == committed["summary"]["verdicts"]  # the report reproduces
+
+    def met(res, s):
+        return {k: v["met"] for k, v in validate.verdicts(res, s).items()}
+
+    s = copy.deepcopy(summary)
+    s["memorization_rate"]["7.5"][-1][0] = 0.5
+    s["mitigation"]["g7.5_none"]["neg_rate"][0] = 0.15
+    assert met(raw, s)["memorization"]  # both bounds inclusive
+    s["memorization_rate"]["7.5"][-1][0] = 0.49
+    assert not met(raw, s)["memorization"]
+
+    res = copy.deepcopy(raw)
+    layers = res["attention"]["neg"]["layers"]
+    for k, ly in enumerate(layers):  # BOS the largest in 6 of 11 layers, mean mass 0.31
+        per = res["attention"]["neg"]["per_layer"][ly]
+        n = len(per["bos"])
+        per["bos"], per["bos_is_max"] = [0.31] * n, [k < 6] * n
+    assert met(res, summary)["BOS sink"]
+    res["attention"]["neg"]["per_layer"][layers[0]]["bos_is_max"] = [False] * n
+    assert not met(res, summary)["BOS sink"]
+
+    s = copy.deepcopy(summary)
+    s["detection"]["E"]["auroc"] = 0.9
+    s["attention_step0"][layers[3]]["bos"] = {"mem": 0.2, "neg": 0.5}
+    assert met(raw, s)["attention signature"]
+    s["detection"]["control: prompt length L"]["auroc"] = 0.85  # E not 0.1 above a control
+    assert not met(raw, s)["attention signature"]
+
+    s = copy.deepcopy(summary)
+    s["mitigation"]["g7.5_c1_1.25"]["neg_corr_vs_plain"][0] = 0.95
+    assert met(raw, s)["mitigation"]  # the committed CI is below 0
+    s["mitigation"]["g7.5_c1_1.25"]["mem_delta_corr_train"][2] = 0.01
+    assert not met(raw, s)["mitigation"]
+
+    s = copy.deepcopy(summary)
+    s["mitigation"]["g7.5_none"]["neg_attr_acc"] = [0.5, 1 / 3, 0.9]  # shape exactly at chance
+    assert not met(raw, s)["caption following"]
+
+    # bench/quality.py's header names the verdicts that are met and not met
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality import quality_lines
+
+    header = quality_lines(ROOT / "bench/results/testbed_validation.json")[2]
+    assert "Verdicts met: memorization, caption following" in header
+    assert "not met: BOS sink, attention signature, mitigation" in header
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"summary": dict(summary, verdicts={})}))
+    assert "no verdicts" in quality_lines(path)[2]
