@@ -341,9 +341,9 @@ def classify(images: np.ndarray) -> list[tuple[str, str, str]]:
     the background instead of the object.
     """
     layouts, m = _layout_masks()  # (405, P)
-    x = ((images.reshape(len(images), 3, -1).astype(np.float64)) + 1) / 2  # (N, 3, P)
+    x = (images.reshape(len(images), 3, -1).astype(np.float64) + 1) / 2  # (N, 3, P)
     pal = np.array(list(FG.values()), np.float64) / 255
-    n_in = m.sum(1)  # (15,)
+    n_in = m.sum(1)  # (405,)
     n_out = (1 - m).sum(1)
     s_in = np.einsum("ncp,lp->nlc", x, m)
     s_out = x.sum(2)[:, None, :] - s_in
