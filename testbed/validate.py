@@ -69,6 +69,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testbed import data  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from machine import describe  # noqa: E402  (bench/machine.py)
+
 SEED = data.SEED
 N_NEG = 100
 N_TWINS = 15
@@ -557,6 +560,13 @@ def main(argv=None) -> None:
             if p.exists():
                 res[part] = json.loads(p.read_text())
         summary, table = report(res)
+        runs = {p: r["machine"] for p, r in res.items() if "machine" in r}
+        if runs:  # who ran each part: machine, torch, commit
+            table += "\n\n" + "\n".join(
+                f"- {p}: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+                f"torch {m['torch']}, commit {m['commit']}, {m['date']}"
+                for p, m in runs.items()
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             json.dumps({"protocol": __doc__, "summary": summary, "raw": res}) + "\n"
@@ -575,6 +585,7 @@ def main(argv=None) -> None:
     res["wall_s"] = round(time.time() - t0, 1)
     res["model"] = args.model
     res["torch_threads"] = args.threads
+    res["machine"] = describe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
     args.out.with_suffix(f".{args.part}{tag}.json").write_text(json.dumps(res) + "\n")
