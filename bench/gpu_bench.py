@@ -39,26 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import attnmem  # noqa: E402
-from attnmem import _ext, reference  # noqa: E402
+from attnmem import _ext  # noqa: E402
+from attnmem.testing import DTYPE_NAMES, SD_LAYERS, OpInputs, compare, make_qkv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import git_commit  # noqa: E402  (bench/machine.py)
 
 NK = 77
-# (model, heads, head dim, queries): the attn2 layers of each UNet level.
-SHAPES: list[tuple[str, int, int, int]] = [
-    ("SD1.x", 8, 40, 4096),
-    ("SD1.x", 8, 80, 1024),
-    ("SD1.x", 8, 160, 256),
-    ("SD1.x", 8, 160, 64),
-    ("SD2.x", 5, 64, 9216),
-    ("SD2.x", 10, 64, 2304),
-    ("SD2.x", 20, 64, 576),
-    ("SD2.x", 20, 64, 144),
-    ("SDXL", 10, 64, 4096),
-    ("SDXL", 20, 64, 1024),
-]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The attn2 layers of each UNet level (model, heads, head dim, queries): attnmem.testing's table.
+SHAPES = SD_LAYERS
+DTYPES = {name: DTYPE_NAMES[name] for name in ("fp16", "bf16", "fp32")}
 SDPA_BACKENDS = ("flash", "efficient", "cudnn")
 
 
@@ -126,13 +116,7 @@ class Timer:
 # The contenders. q, k, v are (B, N, H, D) views of (B, N, H*D) projections, as in diffusers.
 # ------------------------------------------------------------------------------------------
 def make_inputs(c: Case, device: str, seed: int = 0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    dtype = DTYPES[c.dtype]
-    q = torch.randn(c.B, c.Nq, c.H * c.D, device=device, dtype=dtype, generator=g)
-    k = torch.randn(c.B, c.Nk, c.H * c.D, device=device, dtype=dtype, generator=g)
-    v = torch.randn(c.B, c.Nk, c.H * c.D, device=device, dtype=dtype, generator=g)
-    shape = lambda n: (c.B, n, c.H, c.D)  # noqa: E731
-    return q.view(shape(c.Nq)), k.view(shape(c.Nk)), v.view(shape(c.Nk))
+    return make_qkv(c.B, c.Nq, c.H, c.D, c.Nk, dtype=DTYPES[c.dtype], device=device, seed=seed)
 
 
 def attnmem_fn(q, k, v, stats: bool):
@@ -201,44 +185,16 @@ def eager_fn(q, k, v):
 
 
 # ------------------------------------------------------------------------------------------
-# Verification against the oracle (habit 1: the kernel's error is at most 2x PyTorch's own)
+# Verification: attnmem.testing's tolerance rule (the kernel's error is at most 2x PyTorch's own)
 # ------------------------------------------------------------------------------------------
 def verify(c: Case, q, k, v) -> str:
-    ref_out, ref_ps, ref_es, _ = reference.cross_attention(q, k, v)
-    out, ps, es, _ = torch.ops.attnmem.cross_attention.default(
-        q, k, v, None, None, None, True, False
-    )
-    ref32 = ref_out.float()
-    err = (out.float() - ref32).abs().max().item()
-    # PyTorch's own error at this dtype: the same math with the dtype's matmuls.
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    torch_out = torch.matmul(
-        torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)).float() / math.sqrt(c.D), -1).to(
-            q.dtype
-        ),
-        vh,
-    ).transpose(1, 2)
-    torch_err = (torch_out.float() - ref32).abs().max().item()
-    floor = {"fp16": 1e-3, "bf16": 8e-3, "fp32": 1e-5}[c.dtype]
-    problems = []
-    if not torch.isfinite(out).all():
-        problems.append("non-finite out")
-    if err > 2 * torch_err + floor:
-        problems.append(f"out err {err:.2e} > 2x torch {torch_err:.2e} + {floor:g}")
-    ps_err = ((ps - ref_ps).abs().max() / c.Nq).item()
-    es_err = ((es - ref_es).abs().max() / c.Nq).item()
-    if ps_err > 1e-3:
-        problems.append(f"prob_sum/Nq err {ps_err:.2e}")
-    if es_err > 1e-2:
-        problems.append(f"ent_sum/Nq err {es_err:.2e}")
-    _, ps2, es2, _ = torch.ops.attnmem.cross_attention.default(
-        q, k, v, None, None, None, True, False
-    )
-    if not (torch.equal(ps, ps2) and torch.equal(es, es2)):
-        problems.append("statistics differ between two runs")
-    if problems:
-        return "FAIL: " + "; ".join(problems)
-    return f"ok (out err {err:.1e}, torch {torch_err:.1e})"
+    op = torch.ops.attnmem.cross_attention.default
+    first = op(q, k, v, None, None, None, True, False)
+    verdict = compare(first, OpInputs(q, k, v))
+    _, ps2, es2, _ = op(q, k, v, None, None, None, True, False)
+    if not (torch.equal(first[1], ps2) and torch.equal(first[2], es2)):
+        verdict.problems.append("statistics differ between two runs")
+    return str(verdict)
 
 
 # ------------------------------------------------------------------------------------------

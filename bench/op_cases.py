@@ -1,8 +1,9 @@
 """Cross-attention implementations compared by the op benchmark, each returning
 (out (B, Nq, H*D), prob_sum (B, H, Nk), ent_sum (B, H)) or just out where it has no statistics.
 
-Inputs come in diffusers' layout: q (B, Nq, H, D), k/v (B, Nk, H, D) as views of the
-(B, N, H*D) projections, exactly what an attention processor receives.
+Shapes and inputs come from attnmem.testing (the one op-case table): the SD1.x cross-attention
+layers at 512 px, q (B, Nq, H, D) and k/v (B, Nk, H, D) in diffusers' layout, exactly what an
+attention processor receives. Every contender is verified with the table's tolerance rule.
 """
 
 from __future__ import annotations
@@ -11,18 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import attnmem
+from attnmem.testing import SD_LAYERS, OpInputs, assert_matches_reference, make_qkv
 
 # SD1.x cross-attention shapes at 512 px (64x64 latents): (Nq, D) per UNet resolution level.
-SD1_SHAPES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]
+SD1_SHAPES = [(layer.Nq, layer.D) for layer in SD_LAYERS if layer.model == "SD1.x"]
 B, H, NK = 2, 8, 77
 
 
 def make_inputs(Nq: int, D: int, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Nq, H * D, generator=g).view(B, Nq, H, D)
-    k = torch.randn(B, NK, H * D, generator=g).view(B, NK, H, D)
-    v = torch.randn(B, NK, H * D, generator=g).view(B, NK, H, D)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+    return make_qkv(B, Nq, H, D, NK, dtype=dtype, device=device, seed=seed)
 
 
 def attnmem_stats(q, k, v):
@@ -56,14 +54,6 @@ CASES = {
 
 
 def verify(name: str, q, k, v) -> None:
-    """Check a case against attnmem.reference before it is timed."""
-    ref_out, ref_ps, ref_es, _ = attnmem.reference.cross_attention(
-        q.double(), k.double(), v.double()
-    )
+    """Check a case with attnmem.testing's tolerance rule before it is timed."""
     res = CASES[name](q, k, v)
-    out = res[0] if isinstance(res, tuple) else res
-    torch.testing.assert_close(out.double(), ref_out.flatten(2), atol=1e-4, rtol=1e-4)
-    if isinstance(res, tuple):
-        nq = q.shape[1]
-        torch.testing.assert_close(res[1].double() / nq, ref_ps.double() / nq, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(res[2].double() / nq, ref_es.double() / nq, atol=1e-4, rtol=1e-5)
+    assert_matches_reference(res if isinstance(res, tuple) else (res,), OpInputs(q, k, v))

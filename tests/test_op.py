@@ -1,164 +1,91 @@
 """attnmem.cross_attention against the reference oracle (attnmem/reference.py).
 
-Every comparison is against the reference evaluated in float64 on the same (rounded) inputs.
-Tolerances live in TOL; for half precision the output follows flash-attention's rule: the
-kernel's error is at most 2x PyTorch's own error at that dtype.
+Shapes, input layouts, masks and the tolerance rule come from attnmem.testing (the one op-case
+table): every comparison is against the reference evaluated in float64 on the same (rounded)
+inputs; for half precision the output follows flash-attention's rule (the kernel's error is at
+most 2x PyTorch's own error at that dtype).
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 import attnmem
 from attnmem import _ext, ops, reference
+from attnmem.testing import (
+    DTYPES,
+    LAYOUTS,
+    SHAPES,
+    OpCase,
+    OpInputs,
+    assert_matches_reference,
+    dtype_id,
+    make_masks,
+    make_qkv,
+    shape_id,
+)
 
 HAS_C = _ext.extension() is not None
 needs_c = pytest.mark.skipif(not HAS_C, reason=f"attnmem._C not loaded: {_ext.load_error()}")
-
-# One table of tolerances: (atol, rtol) against the float64 reference.
-TOL = {
-    torch.float64: {"out": (1e-10, 1e-10), "stats": (1e-6, 1e-6)},  # statistics are fp32
-    torch.float32: {"out": (2e-5, 1e-5), "stats": (1e-4, 1e-5)},
-    # fp16/bf16 outputs use the 2x-PyTorch rule; statistics are fp32 math on the same inputs.
-    torch.float16: {"out": None, "stats": (1e-4, 1e-5)},
-    torch.bfloat16: {"out": None, "stats": (1e-4, 1e-5)},
-}
-
-SD_SHAPES = [  # (Nq, Nk, D): SD1.x cross-attention at 64x64 latents and below
-    (4096, 77, 40),
-    (1024, 77, 80),
-    (256, 77, 160),
-    (64, 77, 160),
-]
-ODD_SHAPES = [(97, 5, 8), (97, 77, 40), (33, 128, 24), (5, 1, 17), (1, 77, 64)]
-SHAPES = SD_SHAPES + ODD_SHAPES
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def shape_id(s):
-    return f"Nq{s[0]}-Nk{s[1]}-D{s[2]}"
-
-
-def make_inputs(B, Nq, H, D, Nk, dtype, device, seed=0, layout="diffusers"):
-    """q/k/v as diffusers hands them to a processor: views of (B, N, H*D) projections."""
-    g = torch.Generator().manual_seed(seed)
-    if layout == "diffusers":
-        q = torch.randn(B, Nq, H * D, generator=g).view(B, Nq, H, D)
-        k = torch.randn(B, Nk, H * D, generator=g).view(B, Nk, H, D)
-        v = torch.randn(B, Nk, H * D, generator=g).view(B, Nk, H, D)
-    else:  # a transposed (B, H, N, D) buffer seen as (B, N, H, D): non-trivial strides
-        q = torch.randn(B, H, Nq, D, generator=g).transpose(1, 2)
-        k = torch.randn(B, H, Nk, D, generator=g).transpose(1, 2)
-        v = torch.randn(B, H, Nk, D, generator=g).transpose(1, 2)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
-
-
-def masks(B, Nk, device, kind):
-    if kind == "none":
-        return None, None
-    key_len = torch.tensor([Nk, max(1, (Nk + 1) // 2)] + [Nk] * (B - 2), device=device)[:B]
-    bos = torch.tensor([1.25, 0.8] + [1.0] * (B - 2), device=device)[:B]
-    return key_len, bos
-
-
-def torch_own(q, k, v, key_len, bos, scale=None):
-    """Plain PyTorch attention computed in the inputs' dtype: the half-precision yardstick."""
-    D = q.shape[-1]
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    qh, kh, vh = (t.permute(0, 2, 1, 3) for t in (q, k, v))
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    if bos is not None:
-        s = torch.cat([s[..., :1] * bos.to(s.dtype)[:, None, None, None], s[..., 1:]], dim=-1)
-    if key_len is not None:
-        keep = torch.arange(k.shape[1], device=q.device)[None, :] < key_len[:, None]
-        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
-    p = s.softmax(-1).nan_to_num(0.0)  # a fully masked row is defined as zeros
-    return (p @ vh).permute(0, 2, 1, 3)
-
-
-def check_against_reference(res, q, k, v, key_len, bos, scale=None, row_entropy=False):
-    ref = reference.cross_attention(
-        q.double(),
-        k.double(),
-        v.double(),
-        key_len=key_len,
-        bos_scale=bos,
-        scale=scale,
-        row_entropy=row_entropy,
-    )
-    out, prob_sum, ent_sum, row_ent = res
-    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
-    assert prob_sum.dtype == torch.float32 and ent_sum.dtype == torch.float32
-    tol = TOL[q.dtype]
-    if tol["out"] is None:
-        err = (out.double() - ref[0]).abs().max().item()
-        own = (torch_own(q, k, v, key_len, bos, scale).double() - ref[0]).abs().max().item()
-        assert err <= 2 * own + 1e-6, f"kernel error {err:.3g} > 2x PyTorch's own {own:.3g}"
-    else:
-        atol, rtol = tol["out"]
-        torch.testing.assert_close(out.double(), ref[0], atol=atol, rtol=rtol)
-    atol, rtol = tol["stats"]
-    # Sums over Nq rows: compare per-row means so one tolerance fits every Nq.
-    nq = max(q.shape[1], 1)
-    torch.testing.assert_close(prob_sum.double() / nq, ref[1].double() / nq, atol=atol, rtol=rtol)
-    torch.testing.assert_close(ent_sum.double() / nq, ref[2].double() / nq, atol=atol, rtol=rtol)
-    if row_entropy:
-        torch.testing.assert_close(row_ent.double(), ref[3].double(), atol=atol * 10, rtol=rtol)
 
 
 # ------------------------------------------------------------------------------------------
 # Kernel vs reference
 # ------------------------------------------------------------------------------------------
+def check(x: OpInputs, row_entropy: bool = False) -> None:
+    """Run the op on x and judge it with the one tolerance rule (attnmem.testing)."""
+    res = attnmem.cross_attention(*x.qkv, **x.kwargs, row_entropy=row_entropy)
+    assert_matches_reference(res, x, row_entropy=row_entropy)
+
+
 @pytest.mark.parametrize("mask", ["none", "keylen+bos"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_matches_reference(device, dtype, shape, mask):
-    Nq, Nk, D = shape
-    B, H = 2, 2
-    q, k, v = make_inputs(B, Nq, H, D, Nk, dtype, device)
-    key_len, bos = masks(B, Nk, device, mask)
-    res = attnmem.cross_attention(q, k, v, key_len=key_len, bos_scale=bos, row_entropy=True)
-    check_against_reference(res, q, k, v, key_len, bos, row_entropy=True)
+    check(OpCase(*shape, dtype=dtype, mask=mask).inputs(device), row_entropy=True)
 
 
 @pytest.mark.parametrize(
     "shape", [(4096, 77, 40), (97, 77, 80), (97, 5, 8), (33, 128, 24)], ids=shape_id
 )
-@pytest.mark.parametrize(
-    "dtype", DTYPES + [torch.float64], ids=lambda d: str(d).replace("torch.", "")
-)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=dtype_id)
 def test_cpu_paths_match_reference(cpu_isa, dtype, shape):
     """Every CPU instruction-set path (AVX-512, AVX2, portable) against the reference."""
-    Nq, Nk, D = shape
-    q, k, v = make_inputs(3, Nq, 2, D, Nk, dtype, "cpu", seed=1)
-    key_len = torch.tensor([Nk, (Nk + 1) // 2, 0])
-    bos = torch.tensor([1.25, 0.5, 2.0])
-    res = attnmem.cross_attention(q, k, v, key_len=key_len, bos_scale=bos, row_entropy=True)
-    check_against_reference(res, q, k, v, key_len, bos, row_entropy=True)
+    case = OpCase(*shape, B=3, dtype=dtype, mask="with-empty", seed=1)  # key_len Nk, Nk/2, 0
+    check(case.inputs("cpu"), row_entropy=True)
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "transposed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_inputs(device, layout):
-    q, k, v = make_inputs(2, 130, 3, 40, 77, torch.float32, device, layout=layout)
-    # also a view with a non-unit stride along D
-    q2 = torch.randn(2, 130, 3, 80, device=device)[..., ::2]
-    for qq in (q, q2):
-        key_len, bos = masks(2, 77, device, "keylen+bos")
-        res = attnmem.cross_attention(qq, k, v, key_len=key_len, bos_scale=bos)
-        check_against_reference(res, qq, k, v, key_len, bos)
+    x = OpCase(130, 77, 40, H=3, layout=layout, mask="keylen+bos").inputs(device)
+    check(x)
+    # also a query with a non-unit stride along D next to keys and values of this layout
+    q2 = make_qkv(2, 130, 3, 40, 77, device=device, layout="last-dim-strided", seed=1)[0]
+    check(x._replace(q=q2))
+
+
+def test_layouts_hold_the_same_values_in_the_strides_they_name():
+    ref = make_qkv(2, 9, 3, 8, 5)
+    for layout in LAYOUTS:
+        q, k, v = make_qkv(2, 9, 3, 8, 5, layout=layout)
+        assert torch.equal(q, ref[0])
+        if layout == "expanded-kv":
+            assert k.stride(0) == v.stride(0) == 0 and torch.equal(k[1], ref[1][0])
+        else:
+            assert torch.equal(k, ref[1]) and torch.equal(v, ref[2])
+        assert q.is_contiguous() == (layout not in ("heads-major", "last-dim-strided")), layout
+    assert make_qkv(2, 9, 3, 8, 5, layout="fused-kv")[1].stride(1) == 2 * 3 * 8
+    assert make_qkv(2, 9, 3, 8, 5, layout="last-dim-strided")[0].stride(-1) == 2
+    assert make_qkv(2, 9, 3, 8, 5, layout="misaligned")[1].storage_offset() == 3
 
 
 def test_custom_scale(device):
-    q, k, v = make_inputs(2, 50, 2, 16, 9, torch.float32, device)
-    res = attnmem.cross_attention(q, k, v, scale=0.3)
-    check_against_reference(res, q, k, v, None, None, scale=0.3)
+    check(OpCase(50, 9, 16, scale=0.3).inputs(device))
 
 
 def test_fully_masked_rows_are_zero(device):
-    q, k, v = make_inputs(2, 64, 2, 40, 77, torch.float32, device)
+    q, k, v = make_qkv(2, 64, 2, 40, 77, device=device)
     key_len = torch.tensor([0, 77], device=device)
     out, prob_sum, ent_sum, row_ent = attnmem.cross_attention(
         q, k, v, key_len=key_len, row_entropy=True
@@ -174,7 +101,7 @@ def test_fully_masked_rows_are_zero(device):
 
 
 def test_bos_scale_one_is_no_rescale(device):
-    q, k, v = make_inputs(2, 100, 2, 40, 77, torch.float32, device)
+    q, k, v = make_qkv(2, 100, 2, 40, 77, device=device)
     a = attnmem.cross_attention(q, k, v, bos_scale=torch.ones(2, device=device))
     b = attnmem.cross_attention(q, k, v)
     c = attnmem.cross_attention(q, k, v, key_len=torch.tensor([77, 77], device=device))
@@ -184,7 +111,7 @@ def test_bos_scale_one_is_no_rescale(device):
 
 def test_bos_scale_is_a_multiplication(device):
     """With all logits of key 0 made negative, c1 > 1 must lower key 0's attention (SPEC §5)."""
-    q, k, v = make_inputs(1, 64, 1, 8, 5, torch.float32, device)
+    q, k, v = make_qkv(1, 64, 1, 8, 5, device=device)
     q = q.abs()
     k = k.clone()
     k[:, 0] = -1.0  # <q_i, k_0> < 0 for every row
@@ -194,7 +121,7 @@ def test_bos_scale_is_a_multiplication(device):
 
 
 def test_stats_flags(device):
-    q, k, v = make_inputs(2, 20, 2, 8, 5, torch.float32, device)
+    q, k, v = make_qkv(2, 20, 2, 8, 5, device=device)
     out, ps, es, re = attnmem.cross_attention(q, k, v, stats=False)
     assert ps.numel() == 0 and es.numel() == 0 and re.numel() == 0
     out2, ps2, es2, re2 = attnmem.cross_attention(q, k, v, stats=True, row_entropy=True)
@@ -208,13 +135,13 @@ def test_stats_flags(device):
 
 
 def test_empty_query(device):
-    q, k, v = make_inputs(2, 0, 2, 8, 5, torch.float32, device)
+    q, k, v = make_qkv(2, 0, 2, 8, 5, device=device)
     out, ps, es, _ = attnmem.cross_attention(q, k, v)
     assert out.shape == (2, 0, 2, 8) and (ps == 0).all() and (es == 0).all()
 
 
 def test_inference_mode_and_no_grad(device):
-    q, k, v = make_inputs(2, 20, 2, 8, 5, torch.float32, device)
+    q, k, v = make_qkv(2, 20, 2, 8, 5, device=device)
     ref = attnmem.cross_attention(q, k, v)
     with torch.inference_mode():
         a = attnmem.cross_attention(q, k, v)
@@ -228,8 +155,8 @@ def test_inference_mode_and_no_grad(device):
 # Determinism
 # ------------------------------------------------------------------------------------------
 def test_bit_identical_across_thread_counts():
-    q, k, v = make_inputs(2, 1000, 3, 40, 77, torch.float32, "cpu")
-    key_len, bos = masks(2, 77, "cpu", "keylen+bos")
+    q, k, v = make_qkv(2, 1000, 3, 40, 77, device="cpu")
+    key_len, bos = make_masks(2, 77, "keylen+bos", "cpu")
     old = torch.get_num_threads()
     runs = []
     try:
@@ -247,10 +174,10 @@ def test_bit_identical_across_thread_counts():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cuda_bit_identical_run_to_run(dtype):
-    q, k, v = make_inputs(16, 4096, 8, 40, 77, dtype, "cuda")
-    key_len, bos = masks(16, 77, "cuda", "keylen+bos")
+    q, k, v = make_qkv(16, 4096, 8, 40, 77, dtype=dtype, device="cuda")
+    key_len, bos = make_masks(16, 77, "keylen+bos", "cuda")
     a = attnmem.cross_attention(q, k, v, key_len=key_len, bos_scale=bos, row_entropy=True)
     b = attnmem.cross_attention(q, k, v, key_len=key_len, bos_scale=bos, row_entropy=True)
     for x, y in zip(a, b):
@@ -281,8 +208,8 @@ def test_gradcheck_float64_with_mask_and_rescale():
 
 
 def test_grad_matches_reference_float32(device):
-    q, k, v = make_inputs(2, 70, 2, 40, 77, torch.float32, device)
-    key_len, bos = masks(2, 77, device, "keylen+bos")
+    q, k, v = make_qkv(2, 70, 2, 40, 77, device=device)
+    key_len, bos = make_masks(2, 77, "keylen+bos", device)
     gout = torch.randn_like(q)
     grads = []
     for fn in (attnmem.cross_attention, reference.cross_attention):
@@ -297,7 +224,7 @@ def test_grad_matches_reference_float32(device):
 
 @needs_c
 def test_opcheck():
-    q, k, v = make_inputs(2, 33, 2, 8, 5, torch.float32, "cpu")
+    q, k, v = make_qkv(2, 33, 2, 8, 5, device="cpu")
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     key_len = torch.tensor([5, 2])
     bos = torch.tensor([1.25, 1.0])
@@ -310,8 +237,8 @@ def test_opcheck():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend):
-    q, k, v = make_inputs(2, 64, 2, 40, 77, torch.float32, "cpu")
-    key_len, bos = masks(2, 77, "cpu", "keylen+bos")
+    q, k, v = make_qkv(2, 64, 2, 40, 77, device="cpu")
+    key_len, bos = make_masks(2, 77, "keylen+bos", "cpu")
 
     def f(q, k, v, key_len, bos):
         out, prob_sum, ent_sum, _ = attnmem.cross_attention(q, k, v, key_len=key_len, bos_scale=bos)
@@ -327,13 +254,12 @@ def test_torch_compile_fullgraph(backend):
 # Fallback and reasons
 # ------------------------------------------------------------------------------------------
 def test_fallback_without_extension(monkeypatch):
-    q, k, v = make_inputs(2, 20, 2, 8, 5, torch.float32, "cpu")
+    q, k, v = make_qkv(2, 20, 2, 8, 5, device="cpu")
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_error", "ImportError: simulated")
     reasons = ops.fast_path_reasons(q)
     assert reasons and "not loaded" in reasons[0] and "simulated" in reasons[0]
-    res = attnmem.cross_attention(q, k, v)
-    check_against_reference(res, q, k, v, None, None)
+    check(OpInputs(q, k, v))
     with ops.strict(), pytest.raises(RuntimeError, match="cannot run this input.*not loaded"):
         attnmem.cross_attention(q, k, v)
 
