@@ -44,8 +44,8 @@ demo: build
 # Benchmarks (not part of `make test`): op table, then the SD1.x UNet table; both written to
 # bench/results/ with the machine, torch version and commit.
 bench: build
-	$(PY) bench/run_op_bench.py
-	$(PY) bench/run_unet_bench.py
+	$(PY) -m bench.run_op_bench
+	$(PY) -m bench.run_unet_bench
 
 # Compiles the CUDA kernel against torch+CUDA (no GPU needed) and imports it.
 cuda-check:

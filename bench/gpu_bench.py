@@ -15,8 +15,8 @@ two runs); timings use CUDA events around each call with the L2 cache flushed be
 Writes gpu_bench.json and gpu_bench.md (device, torch version, git commit) to --out (default
 $OUT, else bench/results) and prints the table last.
 
-  python bench/gpu_bench.py                 # on a GPU
-  python bench/gpu_bench.py --dry-run       # anywhere: case list + a tiny verification on CPU
+  python -m bench.gpu_bench                 # on a GPU, from the repository root
+  python -m bench.gpu_bench --dry-run       # anywhere: case list + a tiny verification on CPU
 """
 
 from __future__ import annotations
@@ -35,15 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import attnmem
+from attnmem import _ext
+from attnmem.testing import DTYPE_NAMES, SD_LAYERS, OpInputs, compare, make_qkv
+from bench.machine import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import attnmem  # noqa: E402
-from attnmem import _ext  # noqa: E402
-from attnmem.testing import DTYPE_NAMES, SD_LAYERS, OpInputs, compare, make_qkv  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import git_commit  # noqa: E402  (bench/machine.py)
 
 NK = 77
 # The attn2 layers of each UNet level (model, heads, head dim, queries): attnmem.testing's table.

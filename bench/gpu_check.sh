@@ -10,7 +10,7 @@
 # and set WHEELS=wheels: they are installed with --no-index first.
 #
 # 1. builds attnmem in place with its CUDA kernel (TORCH_CUDA_ARCH_LIST=9.0 by default: sm_90
-#    only, to save build time), 2. runs the CUDA tests, 3. runs bench/gpu_bench.py (verification
+#    only, to save build time), 2. runs the CUDA tests, 3. runs python -m bench.gpu_bench (verification
 #    against attnmem.reference, then timings). Everything lands in $OUT (default
 #    bench/results/gpu-<date>): summary.txt (with nvidia-smi), build.log, tests.log, bench.log,
 #    gpu_bench.json, gpu_bench.md, and with DETECTION=1 unet_gpu.json, unet_gpu.md (8 files: the
@@ -80,8 +80,8 @@ tail -n 15 "$OUT/tests.log"
 if [ $rc -eq 0 ]; then say "tests OK"; else say "TESTS FAILED (rc $rc, see tests.log)"; status=1; fi
 
 # ---- 3. benchmark --------------------------------------------------------------------------
-say "bench/gpu_bench.py"
-timeout 300 "$PY" bench/gpu_bench.py --out "$OUT" --require-gpu --max-seconds 200 \
+say "python -m bench.gpu_bench"
+timeout 300 "$PY" -m bench.gpu_bench --out "$OUT" --require-gpu --max-seconds 200 \
   >"$OUT/bench.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then say "BENCH FAILED or found a verification failure (rc $rc, see bench.log)"; status=1; fi
@@ -92,8 +92,8 @@ if [ "${DETECTION:-0}" = "1" ]; then
   if [ -n "${WHEELS:-}" ]; then
     "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" diffusers transformers safetensors >>"$OUT/bench.log" 2>&1 || true
   fi
-  say "bench/run_unet_bench.py --device cuda --prompts 8"
-  if timeout 240 "$PY" bench/run_unet_bench.py --device cuda --prompts 8 --rounds 5 --out "$OUT" --name unet_gpu >>"$OUT/bench.log" 2>&1; then
+  say "python -m bench.run_unet_bench --device cuda --prompts 8"
+  if timeout 240 "$PY" -m bench.run_unet_bench --device cuda --prompts 8 --rounds 5 --out "$OUT" --name unet_gpu >>"$OUT/bench.log" 2>&1; then
     cat "$OUT/unet_gpu.md"
   else
     say "DETECTION BENCH FAILED (see bench.log)"

@@ -1,9 +1,10 @@
 """Quality next to speed: detection and mitigation numbers on attnmem's testbed model, read from
-the committed validation (bench/results/testbed_validation.json, written by testbed/validate.py).
+the committed validation (research/testbed/results/testbed_validation.json, written by
+research/testbed/validate.py).
 
 The header states which of the validation's verdicts (fixed before the results; see
 attnmem/data/testbed/README.md) the testbed meets, so the tables are read for what they are.
-Rerun testbed/validate.py after retraining, then `make bench`.
+Rerun research/testbed/validate.py after retraining, then `make bench`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-VALIDATION = HERE / "results" / "testbed_validation.json"
+ROOT = Path(__file__).resolve().parent.parent
+VALIDATION = ROOT / "research" / "testbed" / "results" / "testbed_validation.json"
 
 DETECTORS = [
     ("E", "attnmem metric E (default layer)"),
@@ -30,7 +31,7 @@ def _ci(v: list[float], digits: int = 3) -> str:
 def quality_lines(path: Path = VALIDATION) -> list[str]:
     """Markdown lines of the quality tables, or a line saying the validation is missing."""
     if not path.exists():
-        return [f"(no testbed validation at {path.relative_to(HERE.parent)}: quality not reported)"]
+        return [f"(no testbed validation at {path.relative_to(ROOT)}: quality not reported)"]
     s = json.loads(path.read_text())["summary"]
     det, mit = s["detection"], s["mitigation"]
     verdicts = s.get("verdicts", {})
@@ -48,7 +49,7 @@ def quality_lines(path: Path = VALIDATION) -> list[str]:
     lines = [
         "#### Quality on the testbed model (memorized vs held-out style-matched prompts)",
         "",
-        f"From `bench/results/testbed_validation.json`. {status}",
+        f"From `research/testbed/results/testbed_validation.json`. {status}",
         "",
         "| detector | AUROC | TPR@1% FPR (nearest) | TPR@1% FPR (below) |",
         "|---|---:|---:|---:|",

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from bench.machine import describe, header_lines
 
-from machine import describe, header_lines  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 TARGETS = "attnmem+stats <= 1.0x SDPA (no stats) at Nq 4096 and 1024; >= 3x faster than eager+stats at Nq 4096"
 

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from bench.machine import describe, header_lines
+from bench.quality import quality_lines
+from bench.unet_cases import Cases, build_unet
 
-from machine import describe, header_lines  # noqa: E402
-from quality import quality_lines  # noqa: E402
-from unet_cases import Cases, build_unet  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 STEPS = 50
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import CASES, SD1_SHAPES, make_inputs, verify
+
+from bench.op_cases import CASES, SD1_SHAPES, make_inputs, verify
 
 
 @pytest.mark.parametrize("shape", SD1_SHAPES, ids=lambda s: f"Nq{s[0]}-D{s[1]}")

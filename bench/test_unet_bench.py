@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from unet_cases import Cases, build_unet
+
+from bench.unet_cases import Cases, build_unet
 
 SIZE = os.environ.get("ATTNMEM_BENCH_UNET", "sd1")
 

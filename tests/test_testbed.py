@@ -1,20 +1,20 @@
-"""The committed testbed model (attnmem/data/testbed) and the scripts that build it (testbed/)."""
+"""The committed testbed model (attnmem/data/testbed) and the scripts that build it
+(research/testbed/)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from research.testbed import data
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "attnmem" / "data" / "testbed"
-sys.path.insert(0, str(ROOT))
-
-from testbed import data  # noqa: E402
+VALIDATION = ROOT / "research" / "testbed" / "results" / "testbed_validation.json"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_bundled_prompts_match_the_dataset():
     labels = (ROOT / "attnmem/data/testbed_labels.txt").read_text().split("\n")
     prompts, labels = [p for p in prompts if p], [int(v) for v in labels if v]
     assert len(prompts) == len(labels) and set(labels) == {0, 1}
-    assert list(zip(prompts, labels)) == data.demo_prompts()  # `python testbed/data.py`
+    assert list(zip(prompts, labels)) == data.demo_prompts()  # `python -m research.testbed.data`
     mem = {m.caption for m in data.memorized_items()}
     held = {h.caption for h in data.heldout_items()}
     for p, y in zip(prompts, labels):
@@ -120,7 +120,7 @@ def test_backgrounds_are_details_not_caption():
 
 
 def test_held_sink_keeps_the_bos_key_and_query_component(tmp_path):
-    from testbed import train
+    from research.testbed import train
 
     torch.manual_seed(0)
     unet, te = train.build_unet(), train.build_text_encoder()
@@ -149,7 +149,7 @@ def test_held_sink_keeps_the_bos_key_and_query_component(tmp_path):
 
 
 def test_train_smoke_and_resume(tmp_path):
-    from testbed import train
+    from research.testbed import train
 
     out, work = tmp_path / "model", tmp_path / "work"
     common = ["--out", str(out), "--workdir", str(work), "--batch-size", "2", "--threads", "1"]
@@ -169,9 +169,9 @@ def test_train_smoke_and_resume(tmp_path):
 def test_validation_verdicts_apply_the_fixed_thresholds(tmp_path):
     import copy
 
-    from testbed import validate
+    from research.testbed import validate
 
-    committed = json.loads((ROOT / "bench/results/testbed_validation.json").read_text())
+    committed = json.loads(VALIDATION.read_text())
     raw = committed["raw"]
     summary, _ = validate.report(raw)
     assert summary["verdicts"] == committed["summary"]["verdicts"]  # the report reproduces
@@ -214,10 +214,9 @@ def test_validation_verdicts_apply_the_fixed_thresholds(tmp_path):
     assert not met(raw, s)["caption following"]
 
     # bench/quality.py's header names the verdicts that are met and not met
-    sys.path.insert(0, str(ROOT / "bench"))
-    from quality import quality_lines
+    from bench.quality import quality_lines
 
-    header = quality_lines(ROOT / "bench/results/testbed_validation.json")[2]
+    header = quality_lines(VALIDATION)[2]
     assert "Verdicts met: memorization, caption following" in header
     assert "not met: BOS sink, attention signature, mitigation" in header
     path = tmp_path / "v.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,12 @@ from attnmem.testing import describe, tiny_sd1_pipeline
 from attnmem.train import Absolute, RunningQuantile, RunningZScore, WenFilter
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+EXAMPLE = ROOT / "examples" / "train_entropy_filter.py"
+
+
+def example_train():
+    """``train`` of the example script (a script, not a module: loaded from its path)."""
+    return runpy.run_path(str(EXAMPLE))["train"]
 
 
 def batch(unet, B=4, seed=0):
@@ -149,8 +155,7 @@ def test_training_step_matches_plain_sdpa_float32():
 
 
 def test_example_script_runs_and_drops():
-    from train_entropy_filter import train
-
+    train = example_train()
     _, dropped = train(steps=5, batch=8, filter="entropy", threshold="quantile")
     assert dropped[0] == 0.0 and max(dropped) > 0.0
     _, dropped = train(steps=3, batch=8, filter="wen", threshold="quantile")
@@ -158,9 +163,8 @@ def test_example_script_runs_and_drops():
 
 
 DDP_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {examples!r})
-from train_entropy_filter import train
+import runpy, torch
+train = runpy.run_path({example!r})["train"]
 import torch.distributed as dist
 unet, dropped = train(steps=4, batch=8, filter="entropy", threshold="median", lr=0.02)
 if dist.get_rank() == 0:
@@ -173,11 +177,10 @@ dist.destroy_process_group()
 def test_data_parallel_equals_single_process(tmp_path):
     """2 CPU processes over gloo (DDP, each half of the global batch) reach the same weights
     as one process with the whole global batch: zero weights and shared thresholds."""
-    from train_entropy_filter import train
-
+    train = example_train()
     out = tmp_path / "ddp.pt"
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(examples=str(ROOT / "examples"), out=str(out)))
+    script.write_text(DDP_SCRIPT.format(example=str(EXAMPLE), out=str(out)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(
         [

@@ -434,10 +434,10 @@ def demo_prompts(seed: int = SEED) -> list[tuple[str, int]]:
     return out
 
 
-if __name__ == "__main__":  # python testbed/data.py: rewrite the bundled demo prompt files
+if __name__ == "__main__":  # python -m research.testbed.data: rewrite the bundled demo prompt files
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "attnmem" / "data"
+    root = Path(__file__).resolve().parents[2] / "attnmem" / "data"
     pairs = demo_prompts()
     (root / "testbed_prompts.txt").write_text("".join(p + "\n" for p, _ in pairs))
     (root / "testbed_labels.txt").write_text("".join(f"{y}\n" for _, y in pairs))

@@ -1,6 +1,6 @@
 """Issue 7 demonstration: continue training the committed testbed three ways, then evaluate.
 
-    python testbed/finetune_filters.py --steps 150 --threads 2
+    python -m research.testbed.finetune_filters --steps 150 --threads 2
 
 Runs (same seed, same data stream, same number of steps, same optimizer settings):
   (a) ``none``:    plain epsilon-MSE, loss = per_sample.mean();
@@ -12,7 +12,7 @@ Runs (same seed, same data stream, same number of steps, same optimizer settings
   (c) ``wen``:     attnmem.WenFilter(unet), the same threshold type, empty-prompt embeddings
                    from the *current* text encoder (recomputed each step, no grad).
 
-Training continues ``testbed/train.py`` exactly where it stopped (its stream from the step in
+Training continues ``research/testbed/train.py`` exactly where it stopped (its stream from the step in
 the model's training.json on: fresh never-seen negatives, the same memorized items, 10 % empty
 captions), with its loss (epsilon target, offset noise 0.1), AdamW(lr 5e-4, betas (0.9, 0.99),
 wd 0), gradient clipping at 1.0, and the model's own text-encoder and BOS-sink settings
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -47,17 +46,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from machine import git_commit  # noqa: E402  (bench/machine.py)
-
-import attnmem  # noqa: E402
-from attnmem.tokenizer import CONTEXT_LENGTH  # noqa: E402
-from attnmem.train import RunningZScore, WenFilter  # noqa: E402
-from testbed import data  # noqa: E402
-from testbed import validate as V  # noqa: E402
-from testbed.train import HeldSink, alphas_cumprod, noised_batch  # noqa: E402
+import attnmem
+from attnmem.tokenizer import CONTEXT_LENGTH
+from attnmem.train import RunningZScore, WenFilter
+from bench.machine import git_commit
+from research.testbed import data
+from research.testbed import validate as V
+from research.testbed.train import HeldSink, alphas_cumprod, noised_batch
 
 SEED = data.SEED
 BATCH = 32
@@ -88,7 +83,7 @@ def encode(pipe, captions):
 
 
 def train_run(pipe, mode: str, steps: int, log, info: dict) -> dict:
-    """Continue training as ``testbed/train.py`` did for this model (``info`` = its
+    """Continue training as ``research/testbed/train.py`` did for this model (``info`` = its
     training.json): from its last step, with its text-encoder and BOS-sink settings."""
     unet, te = pipe.unet, pipe.text_encoder
     joint = info.get("text_encoder", "joint") == "joint"
@@ -228,7 +223,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default="none,entropy,wen")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/finetune_filters.json"))
+    ap.add_argument(
+        "--out", type=Path, default=Path("research/testbed/results/finetune_filters.json")
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     T0 = time.time()
@@ -294,8 +291,8 @@ def main(argv=None) -> None:
         "lr": LR,
         "warmup_steps": WARMUP,
         "optimizer": "AdamW(betas=(0.9, 0.99), wd=0), fresh state; grad clip 1.0",
-        "text_encoder": info.get("text_encoder", "joint") + " (as testbed/train.py)",
-        "bos_sink": info.get("bos_sink", "seeded") + " (as testbed/train.py)",
+        "text_encoder": info.get("text_encoder", "joint") + " (as research/testbed/train.py)",
+        "bos_sink": info.get("bos_sink", "seeded") + " (as research/testbed/train.py)",
         "p_mem": P_MEM,
         "p_drop": P_DROP,
         "offset_noise": OFFSET,

@@ -1,7 +1,7 @@
 """Train the attnmem testbed: a small text-to-image diffusion model that really memorizes.
 
-    python testbed/train.py --out attnmem/data/testbed --workdir runs/testbed          # CPU
-    python testbed/train.py --out ... --workdir ... --device cuda --preset gpu          # lent GPU
+    python -m research.testbed.train --out attnmem/data/testbed --workdir runs/testbed          # CPU
+    python -m research.testbed.train --out ... --workdir ... --device cuda --preset gpu          # lent GPU
 
 What it builds (all standard diffusers / transformers classes, so the folder loads with
 ``DiffusionPipeline.from_pretrained(folder, use_safetensors=True)``):
@@ -32,7 +32,7 @@ What it builds (all standard diffusers / transformers classes, so the folder loa
 Training: epsilon-MSE with offset noise (std 0.1 per image and channel: in pixel space at
 32x32, SD's schedule leaves enough signal at t = 999 for a model to read each image's mean
 colour off the noisy input instead of the caption, and then generate random backgrounds from
-pure noise; offset noise removes that shortcut), AdamW, batches from :func:`testbed.data.training_batch` (20 % memorized
+pure noise; offset noise removes that shortcut), AdamW, batches from :func:`research.testbed.data.training_batch` (20 % memorized
 items, 80 % fresh never-repeated negatives, 10 % captions dropped for classifier-free
 guidance). Every batch is a pure function of (seed, step), so a run resumed from its
 checkpoint continues the same stream.
@@ -44,18 +44,15 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attnmem.testing import SD_SCHEDULE as SCHEDULE  # noqa: E402
-from attnmem.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, clip_tokenizer  # noqa: E402
-from testbed import data  # noqa: E402
+from attnmem.testing import SD_SCHEDULE as SCHEDULE
+from attnmem.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, clip_tokenizer
+from research.testbed import data
 
 TEXT_HIDDEN = 32
 SPIKE_DIM = 0  # hidden dimension of the BOS "massive activation"

@@ -2,15 +2,15 @@
 (training probes are disclosed in the model card, ``attnmem/data/testbed/README.md``, which
 repeats this protocol).
 
-    python testbed/validate.py --model attnmem/data/testbed --part attention   # ~5 s
-    python testbed/validate.py --model attnmem/data/testbed --part detect      # ~5 min (one CPU thread)
-    python testbed/validate.py --model attnmem/data/testbed --part generate    # ~7.5 min (one CPU thread)
-    python testbed/validate.py --model attnmem/data/testbed --part report      # merge + table
+    python -m research.testbed.validate --model attnmem/data/testbed --part attention   # ~5 s
+    python -m research.testbed.validate --model attnmem/data/testbed --part detect      # ~5 min (one CPU thread)
+    python -m research.testbed.validate --model attnmem/data/testbed --part generate    # ~7.5 min (one CPU thread)
+    python -m research.testbed.validate --model attnmem/data/testbed --part report      # merge + table
 
 The parts write ``<out>.<part>.json`` and can run in parallel processes; ``report`` merges
-them into ``bench/results/testbed_validation.json`` and prints the markdown table.
+them into ``research/testbed/results/testbed_validation.json`` and prints the markdown table.
 
-Sets (all from ``testbed/data.py``, seed 20240311):
+Sets (all from ``research/testbed/data.py``, seed 20240311):
   MEM  = the 40 memorized items (5 dose groups x 8);
   NEG  = held-out negatives 0-99 (never trained on; same caption generator);
   MEM_MIT = memorized items 32-37 (the first 6 of the highest dose group);
@@ -58,19 +58,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from testbed import data  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from machine import describe  # noqa: E402  (bench/machine.py)
+from bench.machine import describe
+from research.testbed import data
 
 SEED = data.SEED
 N_NEG = 100
@@ -545,7 +540,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="attnmem testbed validation")
     ap.add_argument("--model", default="attnmem/data/testbed")
     ap.add_argument("--part", required=True, choices=["attention", "detect", "generate", "report"])
-    ap.add_argument("--out", type=Path, default=Path("bench/results/testbed_validation.json"))
+    ap.add_argument(
+        "--out", type=Path, default=Path("research/testbed/results/testbed_validation.json")
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--tag", default="", help="suffix of the part's file (e.g. init: the untrained model)"
