@@ -19,9 +19,9 @@ __all__ = ["cross_attention", "fast_path_reasons", "strict", "reference", "__ver
 
 # Public names that live in modules importing diffusers/transformers: resolved lazily.
 _LAZY: dict[str, str] = {
-    "patch": "attnmem.processor",
-    "PatchHandle": "attnmem.processor",
-    "RecordSpec": "attnmem.processor",
+    "patch": "attnmem.patching",
+    "PatchHandle": "attnmem.patching",
+    "RecordSpec": "attnmem.record",
     "Mitigation": "attnmem.mitigate",
     "AttentionRecord": "attnmem.record",
     "make_detector": "attnmem.detect",

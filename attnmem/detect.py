@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from attnmem.processor import PatchHandle, RecordSpec, patch, run_unet_until
-from attnmem.record import AttentionRecord
+from attnmem.patching import PatchHandle, patch, run_unet_until
+from attnmem.record import AttentionRecord, RecordSpec
 
 __all__ = [
     "DEFAULT_E_LAYER",

@@ -1,4 +1,4 @@
-"""Inference-time mitigation settings (SPEC §5).
+"""Inference-time mitigation: the settings, and how they apply to each row of a CFG batch.
 
 Per cross-attention layer and denoising step (optionally a step range and a layer subset):
 
@@ -20,6 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 __all__ = ["Mitigation"]
 
@@ -89,3 +91,43 @@ class Mitigation:
             return Nk
         keep = L - 1 if self.mask == "padding+eos" else L
         return max(0, min(keep, Nk))
+
+    def per_row(
+        self,
+        n_rows: int,
+        cfg: bool,
+        lengths: Sequence[int] | None,
+        images_per_prompt: int,
+        Nk: int,
+        device: torch.device | str,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The op's ``key_len`` (or None: no mask) and ``bos_scale`` for every UNet batch row.
+
+        With guidance the batch is ``[uncond x n, cond x n]`` (n = ``n_rows`` = prompts x
+        ``images_per_prompt``, one prompt's images contiguous); without it every row is
+        conditional. ``bos_scale`` is ``c1`` on conditional rows and 1 on unconditional ones;
+        ``key_len`` follows each row's own prompt (``lengths`` per prompt), and on
+        unconditional rows the conditional prompt's (``uncond="official"``) or every key.
+        """
+        n = n_rows
+        bos_scale = [1.0] * n + [float(self.c1)] * n if cfg else [float(self.c1)] * n
+        key_len = None
+        if self.masks:
+            if lengths is None:
+                raise ValueError(
+                    "attnmem: masking summary tokens needs each prompt's length L; pass prompts "
+                    "as text, or call handle.set_prompts(lengths=...), or use "
+                    "Mitigation(mask='none')"
+                )
+            per_image = [
+                self.key_len(int(L), Nk) for L in lengths for _ in range(images_per_prompt)
+            ]
+            if cfg:
+                uncond = per_image if self.uncond == "official" else [Nk] * n
+                key_len = uncond + per_image
+            else:
+                key_len = per_image
+        bos_t = torch.tensor(bos_scale, dtype=torch.float32).to(device, non_blocking=True)
+        if key_len is None:
+            return None, bos_t
+        return torch.tensor(key_len, dtype=torch.int64).to(device, non_blocking=True), bos_t

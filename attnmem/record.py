@@ -19,12 +19,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AttentionRecord", "entropy_of"]
+__all__ = ["RecordSpec", "AttentionRecord", "entropy_of"]
 
 
 def entropy_of(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """-sum p ln p along ``dim`` with 0 ln 0 = 0."""
     return -torch.where(p > 0, p * torch.log(p.clamp_min(1e-38)), torch.zeros_like(p)).sum(dim)
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """What to record: steps (indices, or None = all) and layers (names/indices, None = all)."""
+
+    steps: tuple[int, ...] | None = None
+    layers: tuple[str | int, ...] | None = None
+
+    def wants_step(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
+
+    def wants_layer(self, name: str, index: int) -> bool:
+        return (
+            self.layers is None
+            or name in self.layers
+            or index in self.layers
+            or any(isinstance(x, str) and name.startswith(x + ".") for x in self.layers)
+        )
 
 
 @dataclass

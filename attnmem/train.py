@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from attnmem.processor import PatchHandle, RecordSpec, patch
+from attnmem.patching import PatchHandle, patch
+from attnmem.record import RecordSpec
 
 __all__ = [
     "Absolute",

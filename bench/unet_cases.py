@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 import attnmem
-from attnmem.processor import RecordSpec, run_unet_until
+from attnmem.patching import run_unet_until
+from attnmem.record import RecordSpec
 
 SD1_UNET = dict(
     sample_size=64,

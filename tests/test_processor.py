@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import attnmem
-from attnmem.processor import AttnMemProcessor, PatchRemovedError, RecordSpec, run_unet_until
+from attnmem.patching import PatchRemovedError, run_unet_until
+from attnmem.processor import AttnMemProcessor
+from attnmem.record import RecordSpec
 from attnmem.testing import tiny_sd1_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline
 from attnmem.tokenizer import encode_prompts
 

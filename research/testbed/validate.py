@@ -98,7 +98,8 @@ def load(model: str, device: str = "cpu"):
 # -- 1. attention -------------------------------------------------------------------------------
 def attention_part(pipe, mem, neg) -> dict:
     from attnmem.detect import generators
-    from attnmem.processor import RecordSpec, patch, run_unet_until
+    from attnmem.patching import patch, run_unet_until
+    from attnmem.record import RecordSpec
 
     out = {}
     for name, items in (("mem", mem), ("neg", neg)):
@@ -204,7 +205,7 @@ def detect_part(pipe, mem, neg) -> dict:
 # -- 3. generation ------------------------------------------------------------------------------
 def _generate(pipe, prompts, seeds, guidance, mitigation=None, batch=64) -> np.ndarray:
     """(len(prompts), 3, 32, 32) in [-1, 1]; prompt i uses seeds[i]."""
-    from attnmem.processor import patch
+    from attnmem.patching import patch
 
     imgs = []
     for b in range(0, len(prompts), batch):
