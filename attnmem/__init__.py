@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "Mitigation": "attnmem.mitigate",
     "AttentionRecord": "attnmem.record",
     "make_detector": "attnmem.detect",
+    "METRICS": "attnmem.detect",
     "EntropyFilter": "attnmem.train",
     "WenFilter": "attnmem.train",
     "token_view": "attnmem.detect",

@@ -1,12 +1,15 @@
 """``attnmem`` command line: ``scan`` scores a prompt file, ``report`` plots the results.
 
 Thin on purpose: argument parsing and printing only; the work is in :mod:`attnmem.scan` and
-:mod:`attnmem.report`, which library users can call directly.
+:mod:`attnmem.report`, which library users can call directly. The scan's defaults come from
+:class:`attnmem.scan.ScanOptions` and the metrics from :data:`attnmem.detect.METRICS`; every
+:class:`attnmem.errors.AttnmemError` is reported as one line and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +62,10 @@ def _positive(value: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnmem`` argument parser (also used to render ``--help`` in the docs)."""
     from attnmem import __version__
+    from attnmem.detect import METRICS
+    from attnmem.scan import ScanOptions
+
+    d = {f.name: f.default for f in dataclasses.fields(ScanOptions)}
 
     parser = argparse.ArgumentParser(
         prog="attnmem",
@@ -76,57 +83,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("prompts", type=Path, metavar="PROMPTS", help="prompt file, one per line")
     scan.add_argument("--out", "-o", type=Path, required=True, help="results file (JSON lines)")
-    scan.add_argument("--model", default="testbed", help=_MODEL_HELP)
+    scan.add_argument("--model", default=d["model"], help=_MODEL_HELP)
     scan.add_argument(
         "--metric",
-        choices=["E", "D", "wen", "carlini"],
-        default="E",
-        help="E: first-step attention entropy of one layer (fast, default); D: entropy over "
-        "the last steps, all layers; wen: Wen et al.'s noise-difference norm; carlini: "
-        "similarity of n full generations",
+        choices=list(METRICS),
+        default=d["metric"],
+        help="; ".join(f"{name}: {cls.summary}" for name, cls in METRICS.items())
+        + f" (default {d['metric']})",
     )
-    scan.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch (8)")
     scan.add_argument(
-        "--steps", type=_positive, default=50, help="num_inference_steps of the scheduler (50)"
+        "--batch-size",
+        type=_positive,
+        default=d["batch_size"],
+        help=f"prompts per batch ({d['batch_size']})",
     )
-    scan.add_argument("--guidance", type=float, default=7.5, help="guidance scale (7.5)")
+    scan.add_argument(
+        "--steps",
+        type=_positive,
+        default=d["steps"],
+        help=f"num_inference_steps of the scheduler ({d['steps']})",
+    )
+    scan.add_argument(
+        "--guidance", type=float, default=d["guidance"], help=f"guidance scale ({d['guidance']})"
+    )
     scan.add_argument(
         "--layer",
         type=_layer,
-        default=None,
+        default=d["layer"],
         help="metric E: cross-attention layer, index in execution order or module name "
         "(default 3: the 4th, down_blocks.1.attentions.1 on SD1.x)",
     )
     scan.add_argument(
         "--n",
         type=_positive,
-        default=None,
+        default=d["n"],
         help="wen/carlini: generations per prompt (default: wen 1, carlini 4)",
     )
     scan.add_argument(
-        "--seed", type=int, default=0, help="base seed: prompt id i uses SEED + i (0)"
+        "--seed",
+        type=int,
+        default=d["seed"],
+        help=f"base seed: prompt id i uses SEED + i ({d['seed']})",
     )
     scan.add_argument(
-        "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N"
+        "--device", default=d["device"], help="auto (CUDA when available), cpu, cuda, cuda:N"
     )
     scan.add_argument(
         "--dtype",
         choices=["auto", "fp32", "fp16", "bf16"],
-        default="auto",
+        default=d["dtype"],
         help="auto: fp16 on GPU, fp32 on CPU",
     )
-    scan.add_argument("--height", type=_positive, default=None, help="image height (model default)")
-    scan.add_argument("--width", type=_positive, default=None, help="image width (model default)")
+    scan.add_argument(
+        "--height", type=_positive, default=d["height"], help="image height (model default)"
+    )
+    scan.add_argument(
+        "--width", type=_positive, default=d["width"], help="image width (model default)"
+    )
     scan.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted scan of OUT: skip scored ids, retry failed ones",
     )
     scan.add_argument(
-        "--limit", type=_positive, default=None, help="score only the first LIMIT prompts"
+        "--limit", type=_positive, default=d["limit"], help="score only the first LIMIT prompts"
     )
     scan.add_argument(
-        "--encoding", default="utf-8", help="encoding of the prompt file (utf-8; a BOM is ignored)"
+        "--encoding",
+        default=d["encoding"],
+        help=f"encoding of the prompt file ({d['encoding']}; a BOM is ignored)",
     )
     scan.set_defaults(func=_scan)
 
@@ -156,25 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _scan(args: argparse.Namespace) -> int:
     from attnmem.scan import ScanOptions, run_scan
 
-    opts = ScanOptions(
-        prompts=args.prompts,
-        out=args.out,
-        model=args.model,
-        metric=args.metric,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        guidance=args.guidance,
-        layer=args.layer,
-        n=args.n,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        height=args.height,
-        width=args.width,
-        resume=args.resume,
-        limit=args.limit,
-        encoding=args.encoding,
-    )
+    # Every ScanOptions field but ``progress`` is an argument of the same name.
+    names = [f.name for f in dataclasses.fields(ScanOptions) if f.name != "progress"]
+    opts = ScanOptions(**{name: getattr(args, name) for name in names})
     s = run_scan(opts)
     if s.rank != 0:
         return 1 if s.failed else 0
@@ -227,13 +236,12 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``attnmem`` command; returns the exit status (0 ok, 1 error or failed prompts,
     2 bad usage)."""
-    from attnmem.report import ReportError
-    from attnmem.scan import ScanError
+    from attnmem.errors import AttnmemError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ScanError, ReportError) as e:
+    except AttnmemError as e:
         print(f"attnmem {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -26,15 +26,12 @@ from typing import Any
 
 import torch
 
+from attnmem.errors import PatchRemovedError
 from attnmem.mitigate import Mitigation
 from attnmem.processor import AttnMemProcessor, Controller, EarlyExit, PromptBatch
 from attnmem.record import AttentionRecord, RecordSpec
 
 __all__ = ["patch", "PatchHandle", "PatchRemovedError", "run_unet_until"]
-
-
-class PatchRemovedError(RuntimeError):
-    """attnmem's processors were replaced after patching (attention slicing, xformers, ...)."""
 
 
 def _cross_attention_modules(unet: torch.nn.Module) -> dict[str, Any]:

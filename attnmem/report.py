@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from attnmem.errors import ReportError
+
 __all__ = ["ReportError", "Report", "make_report", "read_labels", "load_results"]
 
 _COLORS = {
@@ -53,10 +55,6 @@ _LABEL_NAMES = {1: "memorized", 0: "not memorized", None: "unlabelled"}
 _TOKEN_PLOTS = 4  # top-scoring prompts shown per token; plus the lowest-scoring one
 _SUMMARY_SHOWN = 3  # summary positions shown one by one after EOS; the rest are summed
 _FPRS = (0.01, 0.03, 0.05, 0.10)
-
-
-class ReportError(Exception):
-    """A problem with the report's inputs (missing file, labels that do not fit)."""
 
 
 @dataclass
@@ -79,15 +77,12 @@ def load_results(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
     Accepts an unmerged or interrupted file too (a partial last line is ignored; for an id
     present twice a record without error wins).
     """
-    from attnmem.scan import ScanError, _best_records
+    from attnmem.results import best_records
 
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"no results file {path}")
-    try:
-        best = _best_records([path])
-    except ScanError as e:
-        raise ReportError(str(e)) from None
+    best = best_records([path])
     records = [best[i] for i in sorted(best)]
     if not records:
         raise ReportError(f"{path} holds no results")
@@ -178,7 +173,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _is_demo_model(model: Any) -> bool:
-    from attnmem.scan import BUILTIN_MODELS
+    from attnmem.pipelines import BUILTIN_MODELS
 
     return model in BUILTIN_MODELS
 

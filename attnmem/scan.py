@@ -1,6 +1,7 @@
 """Scoring a prompt file with a detector, batch by batch, into a resumable JSON-lines file.
 
-This is the loop behind ``attnmem scan``; the CLI only parses arguments. Design points:
+This is the job behind ``attnmem scan``; the CLI only parses arguments, the model comes from
+:mod:`attnmem.pipelines`, the detector from :mod:`attnmem.detect`. Design points:
 
 **Prompt ids.** A prompt file holds one prompt per line (UTF-8 by default). Blank lines are
 skipped and do not count: the id of a prompt is its index among the *non-blank* lines,
@@ -13,12 +14,11 @@ batch size). A prompt is therefore always scored next to the same neighbours, wh
 is interrupted and resumed or split over several processes: batched floating-point maths
 (which can differ in the last bits with the batch's composition) gives the same numbers.
 
-**Append-only output, resumable.** Each finished batch is appended as one JSON line per prompt,
-flushed and ``fsync``-ed, so a killed run loses at most the batch in flight. A kill in the
-middle of a write leaves a partial last line: readers ignore it and ``--resume`` cuts it off
-before appending. ``--resume`` skips ids that already have a record without error, retries the
-failed ones, and refuses to mix runs (another prompt file, model, metric, settings or seed).
-When the run ends, the output is rewritten (atomically) sorted by id with one record per id.
+**Append-only output, resumable** (the file format: :mod:`attnmem.results`). Each finished
+batch is appended and made durable, so a killed run loses at most the batch in flight.
+``--resume`` skips ids that already have a record without error, retries the failed ones, and
+refuses to mix runs (another prompt file, model, metric, settings or seed). When the run ends,
+the output is rewritten (atomically) sorted by id with one record per id.
 
 **Failures stay local.** When a batch raises, its prompts are retried one by one; a prompt
 that still fails gets a record with ``error`` set and the scan goes on.
@@ -31,52 +31,23 @@ one-process run with the same batch size, because seeds and batch blocks depend 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "BUNDLED_MODELS",
-    "DEFAULT_MODEL",
-    "ScanError",
-    "ScanOptions",
-    "ScanSummary",
-    "read_prompts",
-    "read_records",
-    "load_pipeline",
-    "merge_results",
-    "part_files",
-    "run_scan",
-]
+from attnmem import detect, results
+from attnmem.errors import ScanError
+from attnmem.pipelines import DEFAULT_MODEL, load_pipeline, resolve_device, resolve_dtype
 
-# Built-in model names -> attnmem.testing factories (random weights: their scores demonstrate the
-# tooling and mean nothing about memorization).
-BUILTIN_MODELS: dict[str, str] = {
-    "tiny-sd1": "tiny_sd1_pipeline",
-    "tiny-sd2": "tiny_sd2_pipeline",
-    "tiny-sdxl": "tiny_sdxl_pipeline",
-}
-# Trained models shipped inside the package (diffusers folders, safetensors only).
-BUNDLED_MODELS: dict[str, Path] = {
-    "testbed": Path(__file__).resolve().parent / "data" / "testbed",
-}
-DEFAULT_MODEL = "testbed"
+__all__ = ["ScanError", "ScanOptions", "ScanSummary", "read_prompts", "run_scan"]
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Ranks may finish far apart (one slow shard); the final barrier must outwait that.
 _BARRIER_TIMEOUT = datetime.timedelta(hours=48)
-
-
-class ScanError(Exception):
-    """A problem the user can fix (bad input file, existing output, bad option)."""
 
 
 @dataclass
@@ -151,232 +122,6 @@ def read_prompts(path: str | os.PathLike, encoding: str = "utf-8") -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Output files
-# ----------------------------------------------------------------------------------------------
-def part_path(out: Path, rank: int, world: int) -> Path:
-    """The file rank ``rank`` of ``world`` appends to."""
-    return out.with_name(f"{out.name}.part-{rank}-of-{world}")
-
-
-def part_files(out: Path) -> list[Path]:
-    """Part files of ``out`` left by any run (any world size), sorted by name."""
-    return sorted(out.parent.glob(f"{_glob_escape(out.name)}.part-*-of-*"))
-
-
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Records of a JSON-lines results file and the byte length of its complete lines.
-
-    A last line without its newline is what a kill in the middle of a write leaves: it is
-    ignored (the returned length stops before it, so the writer can cut it off). Any other
-    line that is not a JSON record is an error naming the line: the file was edited or is
-    not an attnmem results file, and guessing would lose or duplicate prompts.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    end = data.rfind(b"\n") + 1  # complete lines end here; 0 when there is none
-    records = []
-    for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ScanError(
-                f"{path}, line {number}: not a JSON record ({e}); the file is damaged or not "
-                "written by attnmem scan. Remove that line, or scan into a new --out."
-            ) from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
-            raise ScanError(f"{path}, line {number}: a results record needs an integer 'id'")
-        records.append(rec)
-    return records, end
-
-
-def _best_records(sources: Iterable[Path]) -> dict[int, dict[str, Any]]:
-    """One record per id: a record without error beats one with; otherwise the later wins."""
-    best: dict[int, dict[str, Any]] = {}
-    for src in sources:
-        for rec in read_records(src)[0]:
-            prev = best.get(rec["id"])
-            if prev is None or prev.get("error") is not None:
-                best[rec["id"]] = rec
-    return best
-
-
-def merge_results(out: Path) -> list[dict[str, Any]]:
-    """Rewrite ``out`` from itself and its part files: sorted by id, one record per id.
-
-    The new file is written next to ``out`` and renamed over it, so a kill leaves either the
-    old file and parts or the new file; the parts are deleted only after the rename.
-    """
-    parts = part_files(out)
-    best = _best_records([out, *parts])
-    records = [best[i] for i in sorted(best)]
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(_dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    for p in parts:
-        p.unlink(missing_ok=True)
-    return records
-
-
-def _dumps(rec: dict[str, Any]) -> str:
-    return json.dumps(rec, ensure_ascii=False, default=_json_default)
-
-
-def _json_default(x: Any) -> Any:
-    """numpy / torch scalars and arrays that a detector may return."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"{type(x).__name__} is not JSON serializable")
-
-
-# ----------------------------------------------------------------------------------------------
-# Model, device, dtype
-# ----------------------------------------------------------------------------------------------
-def resolve_device(spec: str, local_rank: int = 0) -> Any:
-    """``auto`` = CUDA when available, else CPU; a bare ``cuda`` under torchrun = cuda:LOCAL_RANK."""
-    import torch
-
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise ScanError(f"--device {spec!r}: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ScanError(f"--device {spec}: no CUDA device is available to this torch")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return device
-
-
-def resolve_dtype(spec: str, device: Any) -> Any:
-    """``auto`` = fp16 on GPU, fp32 otherwise. fp16 on CPU is refused: slow, and some of the
-    pipeline's layers have no CPU half kernels."""
-    import torch
-
-    if spec == "auto":
-        spec = "fp16" if device.type == "cuda" else "fp32"
-    if spec not in _DTYPES:
-        raise ScanError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got {spec!r}")
-    if spec == "fp16" and device.type == "cpu":
-        raise ScanError("--dtype fp16 is not supported on CPU; use fp32 (or bf16)")
-    return getattr(torch, _DTYPES[spec])
-
-
-def load_pipeline(model: str, device: Any, dtype: Any) -> Any:
-    """A diffusers pipeline from a built-in name, a local folder or a hub id.
-
-    Folders and hub ids load with ``use_safetensors=True`` (no pickle) and
-    ``trust_remote_code=False`` (no code from the model repository). A safety checker is not
-    loaded: it is not needed to score, and it would replace flagged images by black ones,
-    which an image-similarity detector (carlini) would read as memorized.
-    """
-    import torch
-
-    if model in BUILTIN_MODELS:
-        from attnmem import testing
-
-        pipe = getattr(testing, BUILTIN_MODELS[model])()
-        if dtype != torch.float32:  # built in fp32; casting to fp32 again only warns
-            pipe = pipe.to(dtype=dtype)
-    elif model in BUNDLED_MODELS:
-        folder = BUNDLED_MODELS[model]
-        if not (folder / "model_index.json").is_file():
-            raise ScanError(f"--model {model}: the bundled model is missing from {folder}")
-        pipe = _from_pretrained(str(folder), dtype)
-    else:
-        pipe = _from_pretrained(model, dtype)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _dtype_keyword() -> str:
-    """diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (PR #14205); older
-    versions ignore an unknown ``dtype``, newer ones deprecate ``torch_dtype``."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """Turn diffusers' and transformers' loading progress bars off, then restore them."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
-
-
-def _from_pretrained(model: str, dtype: Any) -> Any:
-    from diffusers import DiffusionPipeline
-
-    local = Path(model).expanduser()
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise ScanError(
-                f"--model {model}: this folder is not a diffusers pipeline (no model_index.json)"
-            )
-        model = str(local)
-    elif model.startswith(("/", ".", "~")) or model.count("/") > 1:
-        raise ScanError(
-            f"--model {model}: no such folder (and not a hub id 'owner/name'); "
-            f"built-in names: {', '.join([*BUNDLED_MODELS, *BUILTIN_MODELS])}"
-        )
-    kwargs: dict[str, Any] = {
-        "use_safetensors": True,
-        "trust_remote_code": False,
-        _dtype_keyword(): dtype,
-    }
-    try:
-        config = DiffusionPipeline.load_config(model)
-        if "safety_checker" in config:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        quiet = contextlib.nullcontext()
-        if local.exists():  # a local folder loads in a second: no bars, no accelerate advice
-            import importlib.util
-
-            if importlib.util.find_spec("accelerate") is None:
-                kwargs["low_cpu_mem_usage"] = False
-            quiet = _quiet_progress_bars()
-        with quiet:
-            return DiffusionPipeline.from_pretrained(model, **kwargs)
-    except ScanError:
-        raise
-    except Exception as e:
-        raise ScanError(
-            f"--model {model}: could not load a diffusers pipeline ({type(e).__name__}: {e}). "
-            "It must be a local diffusers folder or a reachable hub id with .safetensors weights."
-        ) from e
-
-
-# ----------------------------------------------------------------------------------------------
 # Distributed
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -432,29 +177,6 @@ def _dist_from_env() -> _Dist:
 # ----------------------------------------------------------------------------------------------
 # The scan
 # ----------------------------------------------------------------------------------------------
-def _check_resume(
-    previous: dict[int, dict[str, Any]], prompts: Sequence[str], expect: dict[str, Any], seed: int
-) -> None:
-    """Refuse to append to results made from other prompts or with other settings."""
-    for i, rec in sorted(previous.items()):
-        if not 0 <= i < len(prompts) or rec.get("prompt") != prompts[i]:
-            raise ScanError(
-                f"cannot resume: the existing results hold id {i} = {rec.get('prompt')!r}, "
-                "which is not that line of this prompt file; scan into a new --out"
-            )
-        for key, value in expect.items():
-            if rec.get(key) != value:
-                raise ScanError(
-                    f"cannot resume: the existing results (id {i}) were made with {key}="
-                    f"{rec.get(key)!r}, this run has {value!r}; use the same options or a new --out"
-                )
-        if rec.get("seed") != seed + i:
-            raise ScanError(
-                f"cannot resume: id {i} was scored with seed {rec.get('seed')}, this run "
-                f"would use {seed + i} (--seed {seed}); use the same --seed or a new --out"
-            )
-
-
 def _detector_options(opts: ScanOptions) -> dict[str, Any]:
     """Options for make_detector; None = the metric's default (it rejects what it cannot use)."""
     return {
@@ -470,45 +192,16 @@ def _detector_options(opts: ScanOptions) -> dict[str, Any]:
 def _score(detector: Any, prompts: list[str], seeds: list[int]) -> list[dict[str, Any] | str]:
     """Results of one batch; on failure, prompt by prompt (a result or an error message)."""
     try:
-        results = detector.score_batch(prompts, seeds)
-        if len(results) != len(prompts):
+        scored = detector.score_batch(prompts, seeds)
+        if len(scored) != len(prompts):
             raise RuntimeError(
-                f"detector returned {len(results)} results for {len(prompts)} prompts"
+                f"detector returned {len(scored)} results for {len(prompts)} prompts"
             )
-        return list(results)
+        return list(scored)
     except Exception as e:
         if len(prompts) == 1:
             return [f"{type(e).__name__}: {e}"]
     return [_score(detector, [p], [s])[0] for p, s in zip(prompts, seeds)]
-
-
-_RESULT_KEYS = (
-    "score",
-    "L",
-    "truncated",
-    "tokens",
-    "attention",
-    "triggers",
-    "entropy_steps",
-    "forwards",
-)
-
-
-def _record(
-    i: int, prompt: str, seed: int, base: dict[str, Any], result: dict | str, seconds: float
-) -> dict[str, Any]:
-    rec: dict[str, Any] = {"id": i, "prompt": prompt, "seed": seed, **base}
-    error = result if isinstance(result, str) else None
-    values = {} if isinstance(result, str) else result
-    for key in _RESULT_KEYS:
-        rec[key] = values.get(key)
-    rec["triggers"] = rec["triggers"] or []
-    score = rec["score"]
-    if error is None and (score is None or not math.isfinite(float(score))):
-        error, rec["score"] = f"the detector returned a non-finite score ({score})", None
-    rec["seconds"] = round(seconds, 6)
-    rec["error"] = error
-    return rec
 
 
 def _batches(ids: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -538,19 +231,17 @@ def run_scan(opts: ScanOptions, pipe: Any | None = None) -> ScanSummary:
     # sees the same files when deciding what to do.
     if out.is_dir():
         raise ScanError(f"--out {out} is a folder; give a file path such as {out}/results.jsonl")
-    parts = part_files(out)
+    parts = results.part_files(out)
     if not opts.resume and ((out.exists() and out.stat().st_size > 0) or parts):
         found = out if out.exists() and out.stat().st_size > 0 else parts[0]
         raise ScanError(
             f"{found} already exists and is not empty: pass --resume to continue that scan, "
             "or choose another --out"
         )
-    previous = _best_records([out, *parts]) if opts.resume else {}
+    previous = results.best_records([out, *parts]) if opts.resume else {}
 
     dist = _dist_from_env()
     try:
-        from attnmem import detect
-
         device = resolve_device(opts.device, dist.local_rank)
         dtype = resolve_dtype(opts.dtype, device)
         if pipe is None:
@@ -561,11 +252,11 @@ def run_scan(opts: ScanOptions, pipe: Any | None = None) -> ScanSummary:
             raise ScanError(str(e)) from None
         base = {
             "metric": opts.metric,
-            "settings": json.loads(_dumps(detector.settings())),
+            "settings": json.loads(results.dumps(detector.settings())),
             "model": opts.model,
             "dtype": str(dtype).removeprefix("torch."),
         }
-        _check_resume(previous, prompts, base, opts.seed)
+        results.check_resume(previous, prompts, base, opts.seed)
 
         done = {i for i, rec in previous.items() if rec.get("error") is None}
         todo = [i for i in range(n_total) if i not in done]
@@ -580,9 +271,9 @@ def run_scan(opts: ScanOptions, pipe: Any | None = None) -> ScanSummary:
         )
 
         dist.barrier()
-        target = out if dist.world == 1 else part_path(out, dist.rank, dist.world)
+        target = out if dist.world == 1 else results.part_path(out, dist.rank, dist.world)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _cut_partial_line(target)
+        results.cut_partial_line(target)
 
         from tqdm import tqdm
 
@@ -600,15 +291,14 @@ def run_scan(opts: ScanOptions, pipe: Any | None = None) -> ScanSummary:
                 batch_prompts = [prompts[i] for i in ids]
                 seeds = [opts.seed + i for i in ids]
                 t0 = time.perf_counter()
-                results = _score(detector, batch_prompts, seeds)
+                scored = _score(detector, batch_prompts, seeds)
                 seconds = (time.perf_counter() - t0) / len(ids)
-                for i, result in zip(ids, results):
-                    rec = _record(i, prompts[i], opts.seed + i, base, result, seconds)
-                    if rec["error"] is not None:
-                        failed_here.append(i)
-                    f.write(_dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                recs = [
+                    results.make_record(i, prompts[i], opts.seed + i, base, result, seconds)
+                    for i, result in zip(ids, scored)
+                ]
+                failed_here += [rec["id"] for rec in recs if rec["error"] is not None]
+                results.append_records(f, recs)
                 summary.scored += len(ids)
                 bar.update(len(ids))
                 if failed_here:
@@ -616,7 +306,7 @@ def run_scan(opts: ScanOptions, pipe: Any | None = None) -> ScanSummary:
 
         summary.scored = dist.total(summary.scored)  # also the barrier before the merge
         if dist.rank == 0:
-            records = merge_results(out)
+            records = results.merge_results(out)
             summary.failed = [r["id"] for r in records if r.get("error") is not None]
         else:
             summary.failed = failed_here
@@ -624,15 +314,3 @@ def run_scan(opts: ScanOptions, pipe: Any | None = None) -> ScanSummary:
         return summary
     finally:
         dist.close()
-
-
-def _cut_partial_line(path: Path) -> None:
-    """Drop a partial last line (left by a kill during a write) before appending."""
-    if not path.exists():
-        return
-    _, end = read_records(path)
-    if end < path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())

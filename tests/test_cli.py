@@ -302,7 +302,7 @@ def test_model_argument(tmp_path, shared_pipe, capsys):
     assert via_folder["score"] == builtin["score"]
 
     # The default is the bundled testbed model: the same scores as its folder.
-    from attnmem.scan import BUNDLED_MODELS
+    from attnmem.pipelines import BUNDLED_MODELS
 
     out3, out4 = tmp_path / "d.jsonl", tmp_path / "e.jsonl"
     assert run("scan", prompts, "--out", out3) == 0

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from attnmem.baselines import CarliniDetector, WenDetector, tiled_l2
-from attnmem.detect import EntropyD, EntropyE, generators, make_detector, token_view
+from attnmem.detect import (
+    CarliniDetector,
+    EntropyD,
+    EntropyE,
+    WenDetector,
+    generators,
+    make_detector,
+    tiled_l2,
+    token_view,
+)
 from attnmem.testing import describe, tiny_sd1_pipeline, tiny_sd2_pipeline
 from attnmem.tokenizer import encode_prompts
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnmem import scan
+from attnmem import results, scan
 
 PROMPTS = [
     "The No Limits Business Woman Podcast",
@@ -77,7 +77,7 @@ def test_two_gloo_processes_match_one(tmp_path, reference):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{N} prompt(s) scored" in res.stdout  # counted over both ranks
     assert without_timing(read(out)) == without_timing(ref)  # field by field, bit for bit
-    assert not scan.part_files(out)  # merged, parts removed
+    assert not results.part_files(out)  # merged, parts removed
 
 
 @pytest.mark.slow
@@ -86,10 +86,10 @@ def test_sharded_resume_completes_an_interrupted_run(tmp_path, reference):
     out = tmp_path / "results.jsonl"
     # A 2-process run killed mid-way: rank 0 finished block 0 (ids 0, 1), rank 1 was writing
     # id 2 of block 1 when it died.
-    scan.part_path(out, 0, 2).write_text(
+    results.part_path(out, 0, 2).write_text(
         "".join(json.dumps(r) + "\n" for r in ref[:2]), encoding="utf-8"
     )
-    scan.part_path(out, 1, 2).write_text(json.dumps(ref[2])[:40], encoding="utf-8")
+    results.part_path(out, 1, 2).write_text(json.dumps(ref[2])[:40], encoding="utf-8")
 
     opts = scan.ScanOptions(prompts=prompts, out=out, batch_size=2, seed=3, progress=False)
     with pytest.raises(scan.ScanError, match="--resume"):  # parts are never overwritten
@@ -99,7 +99,7 @@ def test_sharded_resume_completes_an_interrupted_run(tmp_path, reference):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{N - 2} prompt(s) scored, 2 already done" in res.stdout
     assert without_timing(read(out)) == without_timing(ref)
-    assert not scan.part_files(out)
+    assert not results.part_files(out)
 
 
 def test_batches_are_id_blocks():
@@ -110,9 +110,9 @@ def test_batches_are_id_blocks():
 def test_partial_last_line_is_ignored_and_cut(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"id": 0}\n{"id": 1}\n{"id": 2, "pro')
-    records, end = scan.read_records(path)
+    records, end = results.read_records(path)
     assert [r["id"] for r in records] == [0, 1] and end == len(b'{"id": 0}\n{"id": 1}\n')
-    scan._cut_partial_line(path)
+    results.cut_partial_line(path)
     assert path.read_bytes() == b'{"id": 0}\n{"id": 1}\n'
 
 
@@ -125,21 +125,21 @@ def test_merge_keeps_one_record_per_id(tmp_path):
         + "\n",
         encoding="utf-8",
     )
-    scan.part_path(out, 0, 2).write_text(
+    results.part_path(out, 0, 2).write_text(
         json.dumps({"id": 0, "error": None, "v": "retried"})
         + "\n"
         + json.dumps({"id": 2, "error": "later failure", "v": "bad"})
         + "\n",
         encoding="utf-8",
     )
-    scan.part_path(out, 1, 2).write_text(
+    results.part_path(out, 1, 2).write_text(
         json.dumps({"id": 1, "error": "old"}) + "\n" + json.dumps({"id": 1, "error": "new"}) + "\n",
         encoding="utf-8",
     )
-    merged = scan.merge_results(out)
+    merged = results.merge_results(out)
     assert [(r["id"], r.get("v"), r["error"]) for r in merged] == [
         (0, "retried", None),  # a success beats a failure, whatever the order
         (1, None, "new"),  # between failures, the latest
         (2, "ok", None),
     ]
-    assert read(out) == merged and not scan.part_files(out)
+    assert read(out) == merged and not results.part_files(out)

@@ -19,7 +19,7 @@ VALIDATION = ROOT / "research" / "testbed" / "results" / "testbed_validation.jso
 
 @pytest.fixture(scope="module")
 def pipe():
-    from attnmem.scan import load_pipeline
+    from attnmem.pipelines import load_pipeline
 
     if not (MODEL / "model_index.json").is_file():
         pytest.fail(f"the testbed model is missing: {MODEL}")

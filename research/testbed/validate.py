@@ -90,7 +90,7 @@ def sets():
 
 
 def load(model: str, device: str = "cpu"):
-    from attnmem.scan import load_pipeline
+    from attnmem.pipelines import load_pipeline
 
     return load_pipeline(model, torch.device(device), torch.float32)
 

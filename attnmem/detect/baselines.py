@@ -1,4 +1,4 @@
-"""Detection baselines, in the same API as attnmem's metrics (SPEC §4).
+"""Detection baselines, in the same API as attnmem's metrics (docs/method.md §4, "Baselines").
 
 - **Wen et al. (ICLR 2024):** d_t = ||eps(x_t, c) - eps(x_t, empty)||_2 over the whole latent,
   read off the two halves of the pipeline's CFG UNet call, averaged over steps
@@ -16,12 +16,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from attnmem.detect import Detector, generators
+from attnmem.detect.base import DetectionResult, Detector, detection_result, generators
 
 __all__ = ["WenDetector", "CarliniDetector", "tiled_l2"]
 
@@ -34,10 +34,12 @@ class _Stop(Exception):
 class WenDetector(Detector):
     """Wen et al.'s noise-difference norm over steps [start, end) and n generations."""
 
+    name: ClassVar[str] = "wen"
+    summary: ClassVar[str] = "Wen et al.'s noise-difference norm"
+
     start: int = 0
     end: int = 1
     n: int = 1
-    name: str = "wen"
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "start": self.start, "end": self.end, "n": self.n}
@@ -80,10 +82,10 @@ class WenDetector(Detector):
             h.remove()
         return torch.stack(found)
 
-    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
         d = self.norms(prompts, seeds)  # (steps, P * n)
         scores = d.mean(dim=0).view(len(prompts), self.n).mean(dim=1)
-        return [_plain(float(s), 2 * self.n * (self.end - self.start)) for s in scores]
+        return [detection_result(s, 2 * self.n * (self.end - self.start)) for s in scores]
 
 
 def tiled_l2(a: np.ndarray, b: np.ndarray, tiles: int = 4) -> float:
@@ -103,9 +105,11 @@ def tiled_l2(a: np.ndarray, b: np.ndarray, tiles: int = 4) -> float:
 class CarliniDetector(Detector):
     """Carlini-style mutual similarity of n full generations per prompt."""
 
+    name: ClassVar[str] = "carlini"
+    summary: ClassVar[str] = "similarity of n full generations"
+
     n: int = 4
     tiles: int = 4
-    name: str = "carlini"
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "n": self.n, "tiles": self.tiles}
@@ -120,7 +124,7 @@ class CarliniDetector(Detector):
         ).images
         return np.asarray(imgs).reshape(len(prompts), self.n, *np.asarray(imgs).shape[1:])
 
-    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
         if self.n < 2:
             raise ValueError("carlini: needs n >= 2 generations per prompt")
         imgs = self.images(prompts, seeds)
@@ -130,18 +134,7 @@ class CarliniDetector(Detector):
                 tiled_l2(group[i], group[j], self.tiles)
                 for i, j in itertools.combinations(range(self.n), 2)
             ]
-            out.append(_plain(-float(np.median(d)), 2 * self.n * self.num_inference_steps))
+            out.append(
+                detection_result(-float(np.median(d)), 2 * self.n * self.num_inference_steps)
+            )
         return out
-
-
-def _plain(score: float, forwards: int) -> dict[str, Any]:
-    return {
-        "score": score,
-        "L": None,
-        "truncated": None,
-        "tokens": None,
-        "attention": None,
-        "triggers": [],
-        "entropy_steps": None,
-        "forwards": forwards,
-    }

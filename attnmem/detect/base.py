@@ -1,0 +1,207 @@
+"""What every detector shares: the :class:`Detector` base, the one result schema
+(:class:`DetectionResult`), per-generation seeds, and the per-token view of an attention record.
+
+A detector scores prompts, higher = more likely memorized: ``score_batch(prompts, seeds)``
+returns one :class:`DetectionResult` per prompt. Generation j of a prompt whose seed is s uses
+:func:`generation_seed` ``(s, j)``, the same for every method, so detectors that generate see
+the same images. A new detector subclasses :class:`Detector` (a dataclass: its fields are its
+options), sets ``name`` and ``summary`` and is listed in :data:`attnmem.detect.METRICS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
+
+import torch
+
+if TYPE_CHECKING:
+    from attnmem.patching import PatchHandle
+    from attnmem.record import AttentionRecord
+
+__all__ = [
+    "Detector",
+    "DetectionResult",
+    "RESULT_FIELDS",
+    "detection_result",
+    "attention_results",
+    "finished_record",
+    "generation_seed",
+    "generators",
+    "token_view",
+    "top_triggers",
+]
+
+
+class DetectionResult(TypedDict):
+    """One prompt's result; these are also the result fields of a results-file record.
+
+    score: higher = more likely memorized. forwards: UNet passes per prompt. The rest is
+    filled by attention-based detectors (None / [] otherwise): L, the prompt's tokenized length
+    (first EOS + 1); truncated, whether it exceeded 75 word-pieces; tokens and attention, the
+    77 token strings and the attention per position (:func:`token_view`); triggers, the prompt
+    tokens drawing the most attention ``[[pos, token, value], ...]``; entropy_steps (metric D),
+    ``{"steps": [...], "entropy": [...]}`` over the denoising steps.
+    """
+
+    score: float
+    L: int | None
+    truncated: bool | None
+    tokens: list[str] | None
+    attention: list[float] | None
+    triggers: list[list[Any]]
+    entropy_steps: dict[str, list] | None
+    forwards: int
+
+
+RESULT_FIELDS: tuple[str, ...] = tuple(DetectionResult.__annotations__)
+
+
+def detection_result(score: float, forwards: int, **fields: Any) -> DetectionResult:
+    """A :class:`DetectionResult` with the fields not given set to None (``triggers``: [])."""
+    unknown = set(fields) - set(RESULT_FIELDS)
+    if unknown:
+        raise TypeError(f"not result fields: {sorted(unknown)}; the fields are {RESULT_FIELDS}")
+    res = {key: None for key in RESULT_FIELDS} | {"triggers": []} | fields
+    res.update(score=float(score), forwards=int(forwards))
+    return DetectionResult(**res)
+
+
+def generation_seed(seed: int, j: int) -> int:
+    """Seed of generation ``j`` of a prompt whose seed is ``seed`` (shared by every method)."""
+    return int(seed) * 1000 + int(j)
+
+
+def generators(seeds: Sequence[int], n: int = 1) -> list[torch.Generator]:
+    """CPU generators for n generations per prompt, prompt-major (diffusers' image order)."""
+    return [torch.Generator().manual_seed(generation_seed(s, j)) for s in seeds for j in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token view
+# ----------------------------------------------------------------------------------------------
+def _kind(pos: int, L: int | None) -> str:
+    if pos == 0:
+        return "bos"
+    if L is None:
+        return "token"
+    if pos < L - 1:
+        return "prompt"
+    if pos == L - 1:
+        return "eos"
+    return "summary"
+
+
+def token_view(
+    record: AttentionRecord, image: int = 0, steps=None, layers=None
+) -> list[dict[str, Any]]:
+    """Pixel/head/layer-averaged attention per position of one image, with its token string.
+
+    Returns 77 dicts ``{"pos", "token", "kind", "attention"}``; kind is ``bos``, ``prompt``,
+    ``eos`` or ``summary`` (padding positions >= L, which summarise the whole prompt).
+    """
+    a = record.mean_attention(steps, layers)[image].float().cpu().tolist()
+    p = record.prompt_of_image(image)
+    L = int(record.lengths[p]) if record.lengths is not None else None
+    tokens = record.tokens[p] if record.tokens is not None else [str(i) for i in range(len(a))]
+    return [
+        {"pos": j, "token": tokens[j], "kind": _kind(j, L), "attention": v} for j, v in enumerate(a)
+    ]
+
+
+def top_triggers(view: list[dict[str, Any]], k: int = 5) -> list[list[Any]]:
+    """The k prompt tokens drawing the most attention: ``[[pos, token, value], ...]``."""
+    prompt = [t for t in view if t["kind"] in ("prompt", "token") and t["pos"] > 0]
+    prompt.sort(key=lambda t: -t["attention"])
+    return [[t["pos"], t["token"], round(float(t["attention"]), 6)] for t in prompt[:k]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The base
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Detector:
+    """A scorer of prompts on a diffusers pipeline; its dataclass fields are its options.
+
+    Subclasses set ``name`` (the registry key, recorded with every result) and ``summary``
+    (one line for ``attnmem scan --help``) and implement :meth:`score_batch`.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    pipe: Any
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What the scores depend on, recorded with every result (a resumed scan must match)."""
+        return {
+            "metric": self.name,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+        }
+
+    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
+        """One result per prompt; prompt i uses seed ``seeds[i]``."""
+        raise NotImplementedError
+
+    def _pipe_kwargs(self, guidance_scale: float | None = None) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
+            "output_type": "latent",
+        }
+        if self.height is not None:
+            kw["height"] = self.height
+        if self.width is not None:
+            kw["width"] = self.width
+        return kw
+
+    @staticmethod
+    def _check(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            raise ValueError("no prompts to score")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of attention-based detectors
+# ----------------------------------------------------------------------------------------------
+def finished_record(handle: PatchHandle) -> AttentionRecord:
+    """The latest record of a patch, on the CPU; an error if nothing was recorded."""
+    rec = handle.record
+    if not rec.steps:
+        raise RuntimeError(
+            "attnmem: the pipeline ran but no cross-attention statistics were recorded"
+        )
+    return rec.to("cpu")
+
+
+def attention_results(
+    rec: AttentionRecord,
+    scores: torch.Tensor,
+    views: list[list[dict]],
+    forwards: int,
+    entropy_steps: list[dict] | None = None,
+) -> list[DetectionResult]:
+    """Results of an attention-based detector: per image, its score and token view."""
+    return [
+        detection_result(
+            scores[i],
+            forwards,
+            L=int(rec.lengths[i]) if rec.lengths is not None else None,
+            truncated=bool(rec.truncated[i]) if rec.truncated is not None else None,
+            tokens=[t["token"] for t in view],
+            attention=[round(float(t["attention"]), 7) for t in view],
+            triggers=top_triggers(view),
+            entropy_steps=entropy_steps[i] if entropy_steps is not None else None,
+        )
+        for i, view in enumerate(views)
+    ]
