@@ -1,4 +1,5 @@
-"""Detection metrics (SPEC §4 "Evaluation"): ROC curve, AUROC and TPR at a fixed FPR, numpy only.
+"""Detection metrics (docs/method.md §4, "Evaluation"): ROC curve, AUROC and TPR at a fixed
+FPR, numpy only.
 
 Conventions used throughout:
 

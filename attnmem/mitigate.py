@@ -1,4 +1,5 @@
-"""Inference-time mitigation: the settings, and how they apply to each row of a CFG batch.
+"""Inference-time mitigation (docs/method.md §5): the settings, and how they apply to each row
+of a CFG batch.
 
 Per cross-attention layer and denoising step (optionally a step range and a layer subset):
 

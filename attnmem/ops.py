@@ -290,7 +290,7 @@ def cross_attention(
     stats: bool = True,
     row_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused cross-attention that also returns attention statistics (SPEC §2).
+    """Fused cross-attention that also returns attention statistics (docs/method.md §2).
 
     Args:
         q: (B, Nq, H, D) queries, float32/float16/bfloat16 (float64 on CPU); any strides.

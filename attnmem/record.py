@@ -1,4 +1,5 @@
-"""Recorded cross-attention statistics of one generation, and the entropies of SPEC §4.
+"""What to record, the recorded cross-attention statistics of one generation, and the
+entropies of docs/method.md §4.
 
 For every UNet call (denoising step) t, cross-attention layer l (module name, execution order)
 and conditional image i, the processors record
@@ -173,7 +174,7 @@ class AttentionRecord:
             out.append(s)
         return out
 
-    # -- quantities of SPEC §4 --------------------------------------------------------------
+    # -- quantities of docs/method.md §4 ----------------------------------------------------
     def mean_attention_per_step(self, steps=None, layers=None) -> torch.Tensor:
         """(n_steps, n_images, Nk): per step, a averaged over heads, then over layers equally."""
         names = self.resolve_layers(layers)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch oracle of ``attnmem::cross_attention`` (SPEC §2).
+"""Pure-PyTorch oracle of ``attnmem::cross_attention`` (docs/method.md §2).
 
 Every kernel test and benchmark compares against this file, and ``attnmem.cross_attention``
 falls back to it when no compiled kernel can run an input. It materializes the

@@ -8,7 +8,7 @@ as ``bpe_simple_vocab_16e6.txt.gz``; :func:`clip_tokenizer` turns it into a
 the hub. The file is located with :func:`importlib.util.find_spec`, without importing those
 packages (importing them pulls in torchvision, ftfy and more).
 
-Positions (SPEC §1): BOS at 0, prompt tokens at 1 … L−2, EOS at L−1, padding at L … 76, where
+Positions (docs/method.md §1): BOS at 0, prompt tokens at 1 … L−2, EOS at L−1, padding at L … 76, where
 **L is the index of the first EOS + 1**. Counting non-padding ids is wrong for both paddings:
 SD1 pads with EOS itself (the count misses the EOS), SD2 pads with ``!`` (id 0), which a prompt
 can also contain.
@@ -233,7 +233,7 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[s
 
     ``input_ids`` come from the same call the pipelines make (``padding="max_length"``,
     ``max_length=tokenizer.model_max_length``, ``truncation=True``), so positions here are the
-    keys the UNet attends over. Truncation is reported rather than hidden (SPEC §1).
+    keys the UNet attends over. Truncation is reported rather than hidden (docs/method.md §1).
 
     Args:
         tokenizer: a CLIP tokenizer, e.g. :func:`clip_tokenizer` or ``pipe.tokenizer``.

@@ -1,4 +1,4 @@
-"""Training-time mitigation (SPEC §6): drop likely-memorized samples from the loss.
+"""Training-time mitigation (docs/method.md §6): drop likely-memorized samples from the loss.
 
 The entropy filter reads the cross-attention entropy that attnmem's processors record during
 the *training forward itself* (per sample, at its own timestep; default the metric-E layer),

@@ -1,6 +1,6 @@
 // attnmem::cross_attention: schema registration and the pybind11 module `attnmem._C`.
 //
-// The op (SPEC §2):
+// The op (docs/method.md §2):
 //   cross_attention(q (B, Nq, H, D), k (B, Nk, H, D), v (B, Nk, H, D),
 //                   key_len (B,) int or None, bos_scale (B,) f32 or None, scale float or None,
 //                   stats bool, row_entropy bool)

@@ -125,7 +125,7 @@ def test_pipelines_stay_tiny(pipe: Any) -> None:
 
 
 def test_cfg_batch_layout(pipe: Any) -> None:
-    """UNet rows are [uncond × N·k, cond × N·k], each prompt's k images contiguous (SPEC §3)."""
+    """UNet rows are [uncond × N·k, cond × N·k], each prompt's k images contiguous (docs/method.md §3)."""
     keys: list[torch.Tensor] = []
     first = describe(pipe)[0].name
 

@@ -1,4 +1,5 @@
-// CPU kernel of attnmem::cross_attention (SPEC §2): driver, statistics reduction, registration.
+// CPU kernel of attnmem::cross_attention (docs/method.md §2): driver, statistics reduction,
+// registration.
 //
 // Shapes: q (B, Nq, H, D), k/v (B, Nk, H, D) with any strides (diffusers hands us views of
 // (B, N, H*D) projections: no transpose copies are made). out is written contiguous
@@ -9,7 +10,7 @@
 // number of threads. Per-token probability sums and entropy sums of an item go to their own
 // slot; a second pass adds the slots of each (b, h) in chunk order. No atomics, bit-identical
 // for any thread count. Keys and values of the current head are staged once per thread per
-// head into fp32 (fp64 for fp64 inputs) buffers padded to multiples of 8 (see
+// head into fp32 (fp64 for fp64 inputs) buffers padded to multiples of kPad = 16 (see
 // cross_attention_cpu_kernels.h for the row math and its numerical hazards).
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
@@ -31,7 +32,7 @@ constexpr int64_t kChunk = 64;  // query rows per work item (fixed: determinism)
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Instruction sets, best last. Chosen once per call: the best this machine runs, optionally
-// capped by ATTNMEM_CPU_ISA=generic|avx2|avx512 (tests use it to check every path).
+// capped by ATTNMEM_CPU_ISA=generic|avx2 (tests use it to check every path).
 enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
 int detected_isa() {

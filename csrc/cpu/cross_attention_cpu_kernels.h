@@ -6,7 +6,7 @@
 //   V : (Nk, Dp)  values, zero-padded to Dp = roundup(D, 16) columns
 // so every inner loop runs over whole vectors (8 or 16 floats) without tails.
 //
-// Per row (SPEC §2):  s_j = scale <q, k_j>;  s_0 *= bos;  keys j >= kl are masked;
+// Per row (docs/method.md §2):  s_j = scale <q, k_j>;  s_0 *= bos;  keys j >= kl are masked;
 //   m = max_{j<kl} s_j;  e_j = exp(s_j - m);  l = sum e_j;  p_j = e_j / l;
 //   entropy = ln l - sum_j p_j (s_j - m)      (one log per row, none per element)
 //   out = sum_{j<kl} p_j v_j
