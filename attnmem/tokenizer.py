@@ -23,7 +23,7 @@ pipeline's keys:
   instead of its BPE piece (``"a cat!"`` → ``… 2368, 0, 49407`` rather than ``… 2368, 256,
   49407``). The hub's SD2.x tokenizer and SDXL's ``tokenizer_2`` do the same (diffusers#4153).
 
-Otherwise prompts tokenize identically: all 1064 prompts of ``data/memattn-prompts`` with the
+Otherwise prompts tokenize identically: all 1064 prompts of ``tests/data/memattn-prompts`` with the
 SD1 padding, all but the one holding ``!`` with the SD2 padding (``tests/test_tokenizer.py``).
 """
 

@@ -25,7 +25,7 @@ from attnmem.tokenizer import (
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 
-# Prompts with capitals, punctuation, digits, quotes and non-ASCII, from data/memattn-prompts.
+# Prompts with capitals, punctuation, digits, quotes and non-ASCII, from tests/data/memattn-prompts.
 SAMPLE_PROMPTS = [
     "The No Limits Business Woman Podcast",
     "Full body U-Zip main opening - Full body U-Zip main opening on front of bag for easy "
@@ -40,13 +40,7 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def _prompt_files() -> list[Path]:
-    here = Path(__file__).resolve().parents[1]
-    for root in (here / "data", here / "shared" / "data", Path("/work/shared/data")):
-        folder = root / "memattn-prompts"
-        if folder.is_dir():
-            return sorted(folder.glob("*.txt"))
-    return []
+PROMPT_FILES = sorted((Path(__file__).parent / "data" / "memattn-prompts").glob("*.txt"))
 
 
 # --- an independent re-implementation of OpenAI's simple_tokenizer (the oracle) -------------
@@ -272,12 +266,11 @@ def test_matches_openai_bpe(style: str, prompt: str) -> None:
 
 
 def test_matches_openai_bpe_on_prompt_files() -> None:
-    files = _prompt_files()
-    if not files:
-        pytest.skip("data/memattn-prompts not found")
+    files = PROMPT_FILES
+    assert [f.name for f in files] == ["group_nomem500.txt", "sd1_mem345.txt", "sd2_mem219.txt"]
     sd1, sd2 = clip_tokenizer("sd1"), clip_tokenizer("sd2")
     prompts = [p for f in files for p in f.read_text(encoding="utf-8").splitlines() if p]
-    assert len(prompts) > 1000
+    assert len(prompts) == 345 + 219 + 500
     mismatched = [p for p in prompts if sd1(p).input_ids != openai_encode(p)]
     assert mismatched == []
     # SD2 style differs exactly on the prompts holding "!" (see test_known_divergences).
