@@ -5,7 +5,7 @@ For every UNet call (denoising step) t, cross-attention layer l (module name, ex
 and conditional image i, the processors record
 
     a[t][l][i, h, j] = prob_sum[b, h, j] / Nq   (pixel-averaged attention per head and token)
-    r[t][l][i, h]    = ent_sum[b, h] / Nq       (mean per-pixel entropy per head)
+    r[t][l][i, h]    = ent_sum[b, h] / Nq       (mean per-pixel attention entropy per head)
 
 where b is image i's conditional row in the UNet batch. That is heads x 77 floats per layer per
 step per image. The entropy used by the detection metrics is the entropy of the *mean*
@@ -57,7 +57,9 @@ class AttentionRecord:
             to this list, so index 3 is the 4th cross-attention even if only it was recorded).
         steps: recorded step indices (UNet call index within the call), in order.
         attn: step -> layer -> (n_images, heads, Nk) float32.
-        row_entropy: step -> layer -> (n_images, heads) float32.
+        mean_entropy: step -> layer -> (n_images, heads) float32, each head's per-pixel
+            attention entropy averaged over pixels (the op's ent_sum / Nq; not the entropy of
+            the mean distribution, which :meth:`entropy` computes).
         lengths: (n_prompts,) L per prompt (first EOS + 1), or None when unknown.
         images_per_prompt: images per prompt; image i belongs to prompt i // images_per_prompt.
         prompts, tokens, truncated: per prompt, when the prompts were seen as text.
@@ -67,7 +69,7 @@ class AttentionRecord:
     order: list[str] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     attn: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    row_entropy: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    mean_entropy: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     lengths: torch.Tensor | None = None
     images_per_prompt: int = 1
     prompts: list[str] | None = None
@@ -79,7 +81,7 @@ class AttentionRecord:
         self,
         step: int,
         attn: dict[str, torch.Tensor],
-        row_entropy: dict[str, torch.Tensor],
+        mean_entropy: dict[str, torch.Tensor],
         order: Sequence[str] = (),
     ) -> None:
         if len(order) > len(self.order):
@@ -93,18 +95,18 @@ class AttentionRecord:
         if step not in self.attn:
             self.steps.append(step)
         self.attn[step] = attn
-        self.row_entropy[step] = row_entropy
+        self.mean_entropy[step] = mean_entropy
 
     def to(self, device: str | torch.device) -> AttentionRecord:
         """A copy with every tensor on ``device`` (one transfer per tensor)."""
         mv = {t: {n: a.to(device) for n, a in d.items()} for t, d in self.attn.items()}
-        mr = {t: {n: a.to(device) for n, a in d.items()} for t, d in self.row_entropy.items()}
+        me = {t: {n: a.to(device) for n, a in d.items()} for t, d in self.mean_entropy.items()}
         return AttentionRecord(
             layers=list(self.layers),
             order=list(self.order),
             steps=list(self.steps),
             attn=mv,
-            row_entropy=mr,
+            mean_entropy=me,
             lengths=self.lengths,
             images_per_prompt=self.images_per_prompt,
             prompts=self.prompts,
@@ -206,14 +208,3 @@ class AttentionRecord:
         pos = torch.arange(a.shape[-1])
         keep = (pos[None, :] >= start_t.to(torch.int64)[:, None]).to(a.device)
         return entropy_of(torch.where(keep[None], a, torch.zeros_like(a)))
-
-    def mean_row_entropy(self, steps=None, layers=None) -> torch.Tensor:
-        """(n_steps, n_images): mean over heads and layers of the per-pixel entropy (a different
-        quantity from :meth:`entropy`: the mean of entropies, not the entropy of the mean)."""
-        names = self.resolve_layers(layers)
-        out = []
-        for t in self.resolve_steps(steps):
-            out.append(
-                torch.stack([self.row_entropy[t][n].float().mean(dim=1) for n in names]).mean(dim=0)
-            )
-        return torch.stack(out)

@@ -222,7 +222,7 @@ class Cases:
         torch.testing.assert_close(out_o, plain, atol=atol, rtol=1e-3)
         for name, (a, e) in zip(rec.order, stats_o):
             torch.testing.assert_close(rec.attn[0][name].float(), a, atol=1e-4, rtol=1e-3)
-            torch.testing.assert_close(rec.row_entropy[0][name].float(), e, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(rec.mean_entropy[0][name].float(), e, atol=1e-3, rtol=1e-3)
         e_fast = self.e_early_exit()
         e_cfg = rec.entropy(steps=0, layers=3)[0]
         torch.testing.assert_close(e_fast, e_cfg, atol=1e-4 if atol < 1e-2 else 1e-2, rtol=1e-3)

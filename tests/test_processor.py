@@ -123,7 +123,7 @@ def test_lengths_and_cond_rows_match_explicit_softmax(pipes, kind, guidance):
     expected = p.mean(dim=2)[cond]
     torch.testing.assert_close(rec.attn[0][name].double(), expected, atol=1e-5, rtol=1e-4)
     ent = -(p * torch.log(p)).sum(-1).mean(-1)[cond]
-    torch.testing.assert_close(rec.row_entropy[0][name].double(), ent, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rec.mean_entropy[0][name].double(), ent, atol=1e-4, rtol=1e-4)
     # entropy of the mean distribution over this one layer
     abar = expected.mean(dim=1)
     torch.testing.assert_close(
