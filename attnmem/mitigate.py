@@ -3,15 +3,16 @@ of a CFG batch.
 
 Per cross-attention layer and denoising step (optionally a step range and a layer subset):
 
-- **Begin-token rescale:** the pre-softmax logit of key 0 is *multiplied* by ``c1`` on the
-  conditional rows only (1.0 is off). It is a multiplication, not an addition: when that logit
-  is negative, ``c1 > 1`` lowers the beginning token's attention instead of raising it.
+- **Begin-token rescale:** the pre-softmax logit of key 0 is *multiplied* by ``bos_scale`` (the
+  paper's c1) on the conditional rows only (1.0 is off). It is a multiplication, not an
+  addition: when that logit is negative, ``bos_scale > 1`` lowers the beginning token's
+  attention instead of raising it.
 - **Summary-token mask:** positions ``>= L`` (``mask="padding"``, the default) or ``>= L - 1``
   (``mask="padding+eos"``) are masked, per row from that row's own prompt; ``mask="none"``
   turns masking off. The unconditional rows are masked with their conditional prompt's L
   (``uncond="official"``, the official code's behaviour) or left unmasked (``"unmasked"``).
 
-Apply with ``attnmem.patch(pipe, mitigate=attnmem.Mitigation(c1=1.25))``; the mitigated
+Apply with ``attnmem.patch(pipe, mitigate=attnmem.Mitigation(bos_scale=1.25))``; the mitigated
 pipeline runs the same number of UNet passes as the plain one.
 """
 
@@ -35,7 +36,9 @@ class Mitigation:
     """What to change in the cross-attention of a patched pipeline.
 
     Args:
-        c1: factor on the beginning token's logit, conditional rows only (default 1.25).
+        bos_scale: factor on the beginning token's logit, conditional rows only (default 1.25;
+            the paper's c1). The op's ``bos_scale`` per row is this on conditional rows, 1 on
+            unconditional ones.
         mask: which summary tokens to mask: ``"padding"`` (positions >= L), ``"padding+eos"``
             (>= L - 1) or ``"none"``.
         uncond: ``"official"`` masks unconditional rows with the conditional prompt's L;
@@ -47,15 +50,17 @@ class Mitigation:
             execution order; None = every layer.
     """
 
-    c1: float = 1.25
+    bos_scale: float = 1.25
     mask: MaskMode = "padding"
     uncond: UncondMode = "official"
     steps: tuple[int, int] | None = None
     layers: Sequence[str | int] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.c1, (int, float)) or not math.isfinite(self.c1):
-            raise ValueError(f"Mitigation: c1 must be a finite number, got {self.c1!r}")
+        if not isinstance(self.bos_scale, (int, float)) or not math.isfinite(self.bos_scale):
+            raise ValueError(
+                f"Mitigation: bos_scale must be a finite number, got {self.bos_scale!r}"
+            )
         if self.mask not in ("padding", "padding+eos", "none"):
             raise ValueError(
                 f"Mitigation: mask must be 'padding', 'padding+eos' or 'none', got {self.mask!r}"
@@ -106,12 +111,13 @@ class Mitigation:
 
         With guidance the batch is ``[uncond x n, cond x n]`` (n = ``n_rows`` = prompts x
         ``images_per_prompt``, one prompt's images contiguous); without it every row is
-        conditional. ``bos_scale`` is ``c1`` on conditional rows and 1 on unconditional ones;
+        conditional. ``bos_scale`` is the mitigation's on conditional rows and 1 on unconditional ones;
         ``key_len`` follows each row's own prompt (``lengths`` per prompt), and on
         unconditional rows the conditional prompt's (``uncond="official"``) or every key.
         """
         n = n_rows
-        bos_scale = [1.0] * n + [float(self.c1)] * n if cfg else [float(self.c1)] * n
+        c = float(self.bos_scale)
+        bos_scale = [1.0] * n + [c] * n if cfg else [c] * n
         key_len = None
         if self.masks:
             if lengths is None:

@@ -62,7 +62,7 @@ def quality_lines(path: Path = VALIDATION) -> list[str]:
             )
     lines += [
         "",
-        "| mitigation (guidance, c1) | memorization rate: unmitigated → mitigated | similarity to training image, change [95% CI] | held-out: similarity to unmitigated output [95% CI] |",
+        "| mitigation (guidance, bos_scale) | memorization rate: unmitigated → mitigated | similarity to training image, change [95% CI] | held-out: similarity to unmitigated output [95% CI] |",
         "|---|---:|---:|---:|",
     ]
     for key, m in mit.items():

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             f"4 x {STEPS} x plain step",
         ),
         (
-            "mitigated step, attnmem (c1 = 1.25, padding mask)",
+            "mitigated step, attnmem (bos_scale = 1.25, padding mask)",
             "2",
             rel["attnmem_mitigated"],
             "measured",

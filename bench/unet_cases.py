@@ -80,11 +80,11 @@ class OfficialStyleProcessor:
     def __init__(
         self,
         sink: list | None,
-        c1: float | None = None,
+        bos_scale: float | None = None,
         key_len: torch.Tensor | None = None,
         n_uncond: int = 0,
     ):
-        self.sink, self.c1, self.key_len, self.n_uncond = sink, c1, key_len, n_uncond
+        self.sink, self.bos_scale, self.key_len, self.n_uncond = sink, bos_scale, key_len, n_uncond
 
     def __call__(
         self,
@@ -107,10 +107,10 @@ class OfficialStyleProcessor:
             beta=0,
             alpha=attn.scale,
         )
-        if self.c1 is not None or self.key_len is not None:
+        if self.bos_scale is not None or self.key_len is not None:
             s = s.view(B, attn.heads, Nq, -1)
-            if self.c1 is not None:
-                s[self.n_uncond :, :, :, 0] *= self.c1
+            if self.bos_scale is not None:
+                s[self.n_uncond :, :, :, 0] *= self.bos_scale
             if self.key_len is not None:
                 keep = torch.arange(s.shape[-1], device=s.device)[None, :] < self.key_len[:, None]
                 s = s.masked_fill(~keep[:, None, None, :], -math.inf)
@@ -197,7 +197,9 @@ class Cases:
 
     @torch.inference_mode()
     def attnmem_mitigated(self):
-        with attnmem.patch(self.unet, record=False, mitigate=attnmem.Mitigation(c1=1.25)) as h:
+        with attnmem.patch(
+            self.unet, record=False, mitigate=attnmem.Mitigation(bos_scale=1.25)
+        ) as h:
             h.set_prompts(lengths=self.lengths, cfg=True)
             return self.unet(self.x2, self.t, encoder_hidden_states=self.e2).sample
 
@@ -206,7 +208,7 @@ class Cases:
         kl = torch.tensor(self.lengths * 2, device=self.t.device)
         old = _set_attn2(
             self.unet,
-            lambda name: OfficialStyleProcessor(None, c1=1.25, key_len=kl, n_uncond=self.n),
+            lambda name: OfficialStyleProcessor(None, bos_scale=1.25, key_len=kl, n_uncond=self.n),
         )
         try:
             return self.unet(self.x2, self.t, encoder_hidden_states=self.e2).sample

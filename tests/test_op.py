@@ -110,7 +110,7 @@ def test_bos_scale_one_is_no_rescale(device):
 
 
 def test_bos_scale_is_a_multiplication(device):
-    """With all logits of key 0 made negative, c1 > 1 must lower key 0's attention (docs/method.md §5)."""
+    """With all logits of key 0 made negative, bos_scale > 1 must lower key 0's attention (docs/method.md §5)."""
     q, k, v = make_qkv(1, 64, 1, 8, 5, device=device)
     q = q.abs()
     k = k.clone()

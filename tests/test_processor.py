@@ -174,7 +174,7 @@ def test_record_limits(pipes):
 def test_mitigation_identity_equals_plain(pipes):
     pipe = pipes["sd1"]
     base = run(pipe)
-    with attnmem.patch(pipe, record=False, mitigate=attnmem.Mitigation(c1=1.0, mask="none")):
+    with attnmem.patch(pipe, record=False, mitigate=attnmem.Mitigation(bos_scale=1.0, mask="none")):
         same = run(pipe)
     np.testing.assert_allclose(same, base, atol=1e-4, rtol=0)
     with attnmem.patch(pipe, record=False, mitigate=attnmem.Mitigation()):
@@ -211,21 +211,27 @@ def test_mitigation_changes_only_what_it_should(pipes):
     lengths = [5, 9]
     n = 2
     plain, _ = _first_layer_outputs(pipe, None, lengths, n)
-    # c1 only: unconditional rows are untouched, conditional rows change
+    # bos_scale only: unconditional rows are untouched, conditional rows change
     c1_only, _ = _first_layer_outputs(
-        pipe, dict(record=False, mitigate=attnmem.Mitigation(c1=2.0, mask="none")), lengths, n
+        pipe,
+        dict(record=False, mitigate=attnmem.Mitigation(bos_scale=2.0, mask="none")),
+        lengths,
+        n,
     )
     torch.testing.assert_close(c1_only[:n], plain[:n], atol=1e-5, rtol=0)
     assert (c1_only[n:] - plain[n:]).abs().max() > 1e-4
     # masking with uncond="unmasked": uncond rows untouched
     masked, _ = _first_layer_outputs(
-        pipe, dict(record=False, mitigate=attnmem.Mitigation(c1=1.0, uncond="unmasked")), lengths, n
+        pipe,
+        dict(record=False, mitigate=attnmem.Mitigation(bos_scale=1.0, uncond="unmasked")),
+        lengths,
+        n,
     )
     torch.testing.assert_close(masked[:n], plain[:n], atol=1e-5, rtol=0)
     assert (masked[n:] - plain[n:]).abs().max() > 1e-4
     # official: uncond rows are masked with their conditional prompt's L
     official, _ = _first_layer_outputs(
-        pipe, dict(record=False, mitigate=attnmem.Mitigation(c1=1.0)), lengths, n
+        pipe, dict(record=False, mitigate=attnmem.Mitigation(bos_scale=1.0)), lengths, n
     )
     assert (official[:n] - plain[:n]).abs().max() > 1e-4
     torch.testing.assert_close(official[n:], masked[n:], atol=1e-5, rtol=0)
@@ -241,14 +247,16 @@ def test_mitigated_statistics_match_explicit_rescale_and_mask(pipes):
         attn.to_q.register_forward_hook(lambda m, i, o: seen.setdefault("q", o.detach())),
         attn.to_k.register_forward_hook(lambda m, i, o: seen.setdefault("k", o.detach())),
     ]
-    lengths, n, c1 = [5, 9], 2, 1.5
+    lengths, n, bos_scale = [5, 9], 2, 1.5
     g = torch.Generator().manual_seed(2)
     cfg = unet.config
     sample = torch.randn(2 * n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
     ehs = torch.randn(2 * n, 77, cfg.cross_attention_dim, generator=g)
     try:
         with (
-            attnmem.patch(unet, mitigate=attnmem.Mitigation(c1=c1, mask="padding+eos")) as handle,
+            attnmem.patch(
+                unet, mitigate=attnmem.Mitigation(bos_scale=bos_scale, mask="padding+eos")
+            ) as handle,
             torch.no_grad(),
         ):
             handle.set_prompts(lengths=lengths, n_rows=n, cfg=True)
@@ -263,7 +271,7 @@ def test_mitigated_statistics_match_explicit_rescale_and_mask(pipes):
         q.view(2 * n, -1, H, D).transpose(1, 2).double()
         @ k.view(2 * n, -1, H, D).transpose(1, 2).double().transpose(-1, -2)
     ) * attn.scale
-    s[n:, :, :, 0] *= c1  # conditional rows only
+    s[n:, :, :, 0] *= bos_scale  # conditional rows only
     keep = torch.arange(77)[None, :] < torch.tensor([L - 1 for L in lengths] * 2)[:, None]
     s = s.masked_fill(~keep[:, None, None, :], -math.inf)
     p = s.softmax(-1)
@@ -322,7 +330,7 @@ def test_bad_arguments():
         attnmem.patch(pipe, mitigate=1.25)
     with pytest.raises(ValueError, match="expected a diffusers pipeline"):
         attnmem.patch(object())
-    with pytest.raises(ValueError, match="c1 must be a finite number"):
-        attnmem.Mitigation(c1=float("nan"))
+    with pytest.raises(ValueError, match="bos_scale must be a finite number"):
+        attnmem.Mitigation(bos_scale=float("nan"))
     with pytest.raises(ValueError, match="mask must be"):
         attnmem.Mitigation(mask="eos")

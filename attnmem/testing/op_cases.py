@@ -170,7 +170,7 @@ LAYOUTS = (
 )
 MASKS = (
     "none",  # key_len = bos_scale = None
-    "keylen+bos",  # row 0: every key, c1 1.25; row 1: half the keys, c1 0.8; others: no change
+    "keylen+bos",  # row 0: every key, bos_scale 1.25; row 1: half, bos_scale 0.8; others: none
     "with-empty",  # key_len Nk, half, 0 (fully masked), 1; bos_scale 1.25, 0.5, 2.0, 1.0 (cycled)
 )
 

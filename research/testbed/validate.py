@@ -280,7 +280,7 @@ def generate_part(pipe, mem, mem_mit, neg_mit) -> dict:
         base = None
         for c1 in (None, *c1s):
             t0 = time.time()
-            mit = None if c1 is None else Mitigation(c1=c1)
+            mit = None if c1 is None else Mitigation(bos_scale=c1)
             x = _generate(pipe, prompts, seeds, g, mit)
             key = f"g{g}_" + ("none" if c1 is None else f"c1_{c1}")
             rec = {
