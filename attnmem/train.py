@@ -45,6 +45,7 @@ __all__ = [
     "Absolute",
     "RunningQuantile",
     "RunningZScore",
+    "SampleFilter",
     "EntropyFilter",
     "WenFilter",
     "FilterStats",
@@ -167,7 +168,46 @@ class FilterStats:
     dropped: float
 
 
-class EntropyFilter:
+class SampleFilter:
+    """What the training filters share: a threshold, the per-sample weights it gives, and what
+    the last call decided. Subclasses compute the per-sample values and call :meth:`_decide`."""
+
+    def __init__(self, threshold: Threshold | None = None):
+        self.threshold = threshold if threshold is not None else RunningZScore()
+        self.last: FilterStats | None = None
+
+    def _decide(self, values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) float weights, 0 for the samples the threshold drops; then update it from the
+        global batch."""
+        timesteps = torch.as_tensor(timesteps, device=values.device).flatten()
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(values.shape[0])
+        drop = self.threshold.drop(values, timesteps)
+        self.threshold.update(_gather(values.float()), _gather(timesteps.float()))
+        w = (~drop).to(torch.float32)
+        self.last = FilterStats(
+            values=values.detach(),
+            weights=w,
+            dropped=float(drop.float().mean()) if drop.numel() else 0.0,
+        )
+        return w
+
+    @property
+    def fraction_dropped(self) -> float:
+        """Fraction of the last batch that got weight 0."""
+        return self.last.dropped if self.last is not None else 0.0
+
+    def remove(self) -> None:
+        """Undo what the filter installed (nothing by default)."""
+
+    def __enter__(self) -> SampleFilter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+class EntropyFilter(SampleFilter):
     """Per-sample loss weights from the attention entropy of the training forward.
 
     Args:
@@ -184,12 +224,12 @@ class EntropyFilter:
         layers: Sequence[str | int] | str | int = 3,
         threshold: Threshold | None = None,
     ):
+        super().__init__(threshold)
         self.layers = (
             None
             if layers == "all"
             else ([layers] if isinstance(layers, (str, int)) else list(layers))
         )
-        self.threshold = threshold if threshold is not None else RunningZScore()
         self.handle: PatchHandle = patch(
             unet, record=RecordSpec(layers=tuple(self.layers) if self.layers else None)
         )
@@ -198,7 +238,6 @@ class EntropyFilter:
         self._hook = self.handle.unet.register_forward_pre_hook(
             self._new_batch, with_kwargs=True, prepend=True
         )
-        self.last: FilterStats | None = None
 
     def _new_batch(self, module, args, kwargs):
         if not self.handle.active:
@@ -216,49 +255,23 @@ class EntropyFilter:
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) float weights, 0 for dropped samples, for the last forward's batch."""
-        values = self.entropy()
-        return self._decide(values, timesteps)
-
-    def _decide(self, values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        timesteps = torch.as_tensor(timesteps, device=values.device).flatten()
-        if timesteps.numel() == 1:
-            timesteps = timesteps.expand(values.shape[0])
-        drop = self.threshold.drop(values, timesteps)
-        self.threshold.update(_gather(values.float()), _gather(timesteps.float()))
-        w = (~drop).to(torch.float32)
-        self.last = FilterStats(
-            values=values.detach(),
-            weights=w,
-            dropped=float(drop.float().mean()) if drop.numel() else 0.0,
-        )
-        return w
-
-    @property
-    def fraction_dropped(self) -> float:
-        return self.last.dropped if self.last is not None else 0.0
+        return self._decide(self.entropy(), timesteps)
 
     def remove(self) -> None:
         """Restore the UNet's original processors."""
         self._hook.remove()
         self.handle.remove()
 
-    def __enter__(self) -> EntropyFilter:
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-
-class WenFilter(EntropyFilter):
+class WenFilter(SampleFilter):
     """Wen et al.'s training filter: one extra no-grad forward with the empty prompt; drop
     samples whose ||eps(x_t, c) - eps(x_t, empty)||_2 is above the threshold."""
 
     def __init__(self, unet: torch.nn.Module, threshold: Threshold | None = None):
+        super().__init__(threshold)
         self.unet = unet
-        self.threshold = threshold if threshold is not None else RunningZScore()
-        self.last = None
 
-    def weights(  # type: ignore[override]
+    def weights(
         self,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
@@ -277,9 +290,3 @@ class WenFilter(EntropyFilter):
             ).sample
         values = (eps_cond.detach().float() - eps_empty.float()).flatten(1).norm(dim=1)
         return self._decide(values, timesteps)
-
-    def entropy(self) -> torch.Tensor:  # pragma: no cover - not an entropy filter
-        raise AttributeError("WenFilter scores noise differences, not attention entropy")
-
-    def remove(self) -> None:
-        pass
