@@ -13,6 +13,7 @@ import functools
 import math
 import os
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 
@@ -31,20 +32,22 @@ MAX_KEYS = 128
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_strict = os.environ.get("ATTNMEM_STRICT", "0") == "1"
+# A context variable, so strict() in one thread (or asyncio task) leaves the others alone.
+_strict: ContextVar[bool] = ContextVar(
+    "attnmem_strict", default=os.environ.get("ATTNMEM_STRICT", "0") == "1"
+)
 _force_reference = os.environ.get("ATTNMEM_FORCE_REFERENCE", "0") == "1"
 
 
 @contextlib.contextmanager
 def strict(enabled: bool = True) -> Iterator[None]:
     """Within this block, an input the compiled kernels refuse raises ``RuntimeError`` (with every
-    reason) instead of silently running the reference."""
-    global _strict
-    old, _strict = _strict, enabled
+    reason) instead of silently running the reference. Per thread / task (a ``ContextVar``)."""
+    token = _strict.set(enabled)
     try:
         yield
     finally:
-        _strict = old
+        _strict.reset(token)
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ def fast_path_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[st
 
 def _use_kernel(q: torch.Tensor) -> bool:
     reasons = fast_path_reasons(q)
-    if reasons and _strict:
+    if reasons and _strict.get():
         raise RuntimeError(
             "attnmem.cross_attention: the compiled kernel cannot run this input: "
             + "; ".join(reasons)

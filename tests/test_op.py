@@ -264,6 +264,30 @@ def test_fallback_without_extension(monkeypatch):
         attnmem.cross_attention(q, k, v)
 
 
+def test_strict_mode_is_per_thread(monkeypatch):
+    """strict() in one thread does not make another thread's calls raise."""
+    import threading
+
+    q, k, v = make_qkv(2, 20, 2, 8, 5)
+    monkeypatch.setattr(_ext, "_C", None)  # every call would need the reference
+    monkeypatch.setattr(_ext, "_error", "ImportError: simulated")
+    entered, release = threading.Event(), threading.Event()
+
+    def strict_elsewhere():
+        with ops.strict():
+            entered.set()
+            release.wait(30)
+
+    t = threading.Thread(target=strict_elsewhere)
+    t.start()
+    try:
+        assert entered.wait(30)
+        check(OpInputs(q, k, v))  # not strict here: the reference runs
+    finally:
+        release.set()
+        t.join()
+
+
 @needs_c
 def test_no_reasons_for_supported_cpu_input():
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
