@@ -2,7 +2,6 @@
 
 Environment switches (all optional):
   ATTNMEM_CPU_ONLY=1     never build the CUDA kernel
-  ATTNMEM_FORCE_CUDA=1   build the CUDA kernel even if CUDA_HOME is not detected
   TORCH_CUDA_ARCH_LIST   GPU architectures (default here: "8.0;9.0")
   MAX_JOBS               parallel compile jobs (ninja)
 The CUDA kernel is built when torch was built with CUDA (torch.version.cuda) and a CUDA
@@ -22,8 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def want_cuda() -> bool:
     if os.environ.get("ATTNMEM_CPU_ONLY", "0") == "1":
         return False
-    if os.environ.get("ATTNMEM_FORCE_CUDA", "0") == "1":
-        return True
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
