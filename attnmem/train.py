@@ -118,11 +118,15 @@ class _Bucketed(Threshold):
             if len(h) > self.window:
                 del h[: len(h) - self.window]
 
-    def _limit(self, b: int) -> float | None:
+    def _limit(self, recent: torch.Tensor) -> float:
+        """The threshold from a bucket's recent values (float64)."""
         raise NotImplementedError
 
     def drop(self, values, timesteps):
-        limits = [self._limit(b) for b in range(self.buckets)]
+        limits = [
+            self._limit(torch.tensor(h, dtype=torch.float64)) if len(h) >= self.min_count else None
+            for h in self.history
+        ]  # None: too little history in that bucket, drop nothing there
         out = []
         for b, v in zip(self.bucket(timesteps).tolist(), values.detach().float().cpu().tolist()):
             out.append(limits[b] is not None and v > limits[b])
@@ -135,11 +139,8 @@ class RunningQuantile(_Bucketed):
 
     q: float = 0.95
 
-    def _limit(self, b):
-        h = self.history[b]
-        if len(h) < self.min_count:
-            return None
-        return float(torch.quantile(torch.tensor(h, dtype=torch.float64), self.q))
+    def _limit(self, recent):
+        return float(torch.quantile(recent, self.q))
 
 
 @dataclass
@@ -148,12 +149,8 @@ class RunningZScore(_Bucketed):
 
     z: float = 3.0
 
-    def _limit(self, b):
-        h = self.history[b]
-        if len(h) < self.min_count:
-            return None
-        t = torch.tensor(h, dtype=torch.float64)
-        return float(t.mean() + self.z * t.std())
+    def _limit(self, recent):
+        return float(recent.mean() + self.z * recent.std())
 
 
 # ----------------------------------------------------------------------------------------------

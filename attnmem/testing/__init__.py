@@ -11,74 +11,8 @@ Both import only torch at import time (diffusers and transformers load when a pi
 built), so the op helpers work on a machine with torch alone.
 """
 
-from attnmem.testing.op_cases import (
-    DTYPE_NAMES,
-    DTYPES,
-    LAYOUTS,
-    MASKS,
-    ODD_SHAPES,
-    SD_LAYERS,
-    SD_SHAPES,
-    SHAPES,
-    TILING_SHAPES,
-    TOLERANCES,
-    Comparison,
-    OpCase,
-    OpInputs,
-    SDLayer,
-    Tolerance,
-    assert_matches_reference,
-    case_grid,
-    compare,
-    dtype_id,
-    make_masks,
-    make_qkv,
-    pytorch_attention,
-    shape_id,
-)
-from attnmem.testing.pipelines import (
-    IMAGE_SIZE,
-    SD_SCHEDULE,
-    Attn2Layer,
-    describe,
-    tiny_sd1_pipeline,
-    tiny_sd2_pipeline,
-    tiny_sdxl_pipeline,
-    tiny_unet,
-)
+from attnmem.testing import op_cases, pipelines
+from attnmem.testing.op_cases import *  # noqa: F403
+from attnmem.testing.pipelines import *  # noqa: F403
 
-__all__ = [
-    # pipelines
-    "IMAGE_SIZE",
-    "SD_SCHEDULE",
-    "Attn2Layer",
-    "describe",
-    "tiny_sd1_pipeline",
-    "tiny_sd2_pipeline",
-    "tiny_sdxl_pipeline",
-    "tiny_unet",
-    # op cases and the tolerance rule
-    "SDLayer",
-    "SD_LAYERS",
-    "SD_SHAPES",
-    "ODD_SHAPES",
-    "SHAPES",
-    "TILING_SHAPES",
-    "DTYPES",
-    "DTYPE_NAMES",
-    "LAYOUTS",
-    "MASKS",
-    "Tolerance",
-    "TOLERANCES",
-    "OpCase",
-    "OpInputs",
-    "Comparison",
-    "case_grid",
-    "make_qkv",
-    "make_masks",
-    "pytorch_attention",
-    "compare",
-    "assert_matches_reference",
-    "shape_id",
-    "dtype_id",
-]
+__all__ = [*pipelines.__all__, *op_cases.__all__]

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_SIZE",
+    "SD_SCHEDULE",
     "Attn2Layer",
     "describe",
     "tiny_unet",
