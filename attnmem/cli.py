@@ -9,12 +9,14 @@ Thin on purpose: argument parsing and printing only; the work is in :mod:`attnme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "common_parser", "int_in", "float_in"]
 
 _DESCRIPTION = """\
 Detect memorization in Stable Diffusion from cross-attention statistics (Ren et al., ECCV 2024).
@@ -52,11 +54,63 @@ def _layer(value: str) -> str | int:
         return value
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi] (hi None: no upper bound); the error names the
+    valid range."""
+    rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {value!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer in {rng}, got {n}")
+        return n
+
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
+def float_in(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi]; NaN and infinities are refused."""
+
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a number in [{lo:g}, {hi:g}], got {value!r}"
+            ) from None
+        if not math.isfinite(x) or not lo <= x <= hi:
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number in [{lo:g}, {hi:g}], got {value}"
+            )
+        return x
+
+    parse.__name__ = "number"
+    return parse
+
+
+# Valid ranges of the generation options (shared by every command that generates).
+MAX_STEPS = 1000  # SD's schedulers have 1000 training timesteps
+MAX_GUIDANCE = 100.0
+MIN_SIZE, MAX_SIZE = 8, 4096  # pixels; the pipeline's VAE factor is checked once it is loaded
+MAX_SEED = 10**15  # generation seeds are 1000 * seed + j, and must fit torch's 64-bit seed
+
+_positive = int_in(1)
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Options every subcommand takes (``parents=[common_parser()]``): ``-q/--quiet``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress, no warnings; diffusers and transformers print errors only",
+    )
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"attnmem {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{scan,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{scan,report,status}")
+    common = common_parser()
 
     scan = sub.add_parser(
         "scan",
+        parents=[common],
         help="score a prompt file with a detection metric",
         description=_SCAN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,12 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--steps",
-        type=_positive,
+        type=int_in(1, MAX_STEPS),
         default=d["steps"],
-        help=f"num_inference_steps of the scheduler ({d['steps']})",
+        help=f"num_inference_steps of the scheduler, 1-{MAX_STEPS} ({d['steps']})",
     )
     scan.add_argument(
-        "--guidance", type=float, default=d["guidance"], help=f"guidance scale ({d['guidance']})"
+        "--guidance",
+        type=float_in(0.0, MAX_GUIDANCE),
+        default=d["guidance"],
+        help=f"guidance scale, 0-{MAX_GUIDANCE:g} ({d['guidance']}; <= 1: no guidance)",
     )
     scan.add_argument(
         "--layer",
@@ -121,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--seed",
-        type=int,
+        type=int_in(0, MAX_SEED),
         default=d["seed"],
         help=f"base seed: prompt id i uses SEED + i ({d['seed']})",
     )
@@ -135,10 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: fp16 on GPU, fp32 on CPU",
     )
     scan.add_argument(
-        "--height", type=_positive, default=d["height"], help="image height (model default)"
+        "--height",
+        type=int_in(MIN_SIZE, MAX_SIZE),
+        default=d["height"],
+        help=f"image height in pixels, {MIN_SIZE}-{MAX_SIZE} (model default)",
     )
     scan.add_argument(
-        "--width", type=_positive, default=d["width"], help="image width (model default)"
+        "--width",
+        type=int_in(MIN_SIZE, MAX_SIZE),
+        default=d["width"],
+        help=f"image width in pixels, {MIN_SIZE}-{MAX_SIZE} (model default)",
     )
     scan.add_argument(
         "--resume",
@@ -157,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
+        parents=[common],
         help="plots, an HTML page and summary.json from scan results",
         description="Write score histograms, the ROC curve with AUROC and TPR at 1/3/5/10% FPR "
         "(with --labels), per-token attention of the top prompts and entropy over steps "
@@ -175,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", type=_positive, default=10, help="prompts in the ranked table (10)"
     )
     report.set_defaults(func=_report)
+
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="progress of a running (or finished) scan, read without disturbing it",
+        description="Say whether a job is writing OUT (its command, pid, host, start time), "
+        "and how many prompts have a record (and how many of those failed). Reads only; safe "
+        "while the job runs.",
+    )
+    status.add_argument("out", type=Path, metavar="OUT", help="the results file of the job")
+    status.set_defaults(func=_status)
     return parser
 
 
@@ -183,12 +260,12 @@ def _scan(args: argparse.Namespace) -> int:
 
     # Every ScanOptions field but ``progress`` is an argument of the same name.
     names = [f.name for f in dataclasses.fields(ScanOptions) if f.name != "progress"]
-    opts = ScanOptions(**{name: getattr(args, name) for name in names})
+    opts = ScanOptions(**{name: getattr(args, name) for name in names}, progress=not args.quiet)
     s = run_scan(opts)
     if s.rank != 0:
         return 1 if s.failed else 0
     print(
-        f"attnmem scan: {s.scored} prompt(s) scored, {s.skipped} already done, "
+        f"attnmem scan: {s.done} prompt(s) scored, {s.skipped} already done, "
         f"{len(s.failed)} failed -> {s.out}"
     )
     if s.failed:
@@ -233,15 +310,42 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from attnmem import results
+
+    out = args.out
+    holder = results.lock_holder(out)
+    best = results.best_records([out, *results.part_files(out)])
+    failed = sum(1 for r in best.values() if r.get("error") is not None)
+    if holder is not None:
+        who = f"attnmem {holder.get('command', 'job')} is running"
+        if holder.get("pid"):
+            who += f" (pid {holder['pid']} on {holder.get('host', '?')}, since {holder.get('started', '?')}"
+            who += f", {holder['processes']} processes)" if holder.get("processes", 1) > 1 else ")"
+        total = holder.get("total")
+        print(
+            f"{out}: {who}: {len(best)}{f' of {total}' if total else ''} prompts have a record, {failed} failed"
+        )
+        return 0
+    if not best and not out.exists():
+        print(f"{out}: no such results file, and no job is writing it")
+        return 1
+    print(f"{out}: no job is running; {len(best)} prompts have a record, {failed} failed")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``attnmem`` command; returns the exit status (0 ok, 1 error or failed prompts,
     2 bad usage)."""
+    from attnmem import console
     from attnmem.errors import AttnmemError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    console.silence_library_noise()
     try:
-        return args.func(args)
+        with console.quiet() if args.quiet else contextlib.nullcontext():
+            return args.func(args)
     except AttnmemError as e:
         print(f"attnmem {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -18,6 +18,15 @@ run ends the file is rewritten atomically, sorted by id with one record per id
 
 **Part files.** Under torchrun, rank r of a world of N appends to ``OUT.part-r-of-N``
 (:func:`part_path`); :func:`merge_results` folds every part file (:func:`part_files`) into OUT.
+
+**One writer.** A job holds :class:`OutputLock` (``flock`` on ``OUT.lock``) while it reads,
+appends and merges; :func:`lock_holder` tells whether a job holds it and what the job wrote
+there (command, pid, host, start, total), without disturbing it. After the merge,
+:func:`verify_merged` reads the file back and fails when an id of the run is missing (a writer
+that ignored the lock), so a job never reports success over lost records.
+
+**Strict JSON.** Records never hold ``NaN`` or ``Infinity`` (which standard JSON parsers
+reject): :func:`dumps` writes non-finite floats as ``null``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +54,10 @@ __all__ = [
     "cut_partial_line",
     "part_path",
     "part_files",
+    "OutputLock",
+    "lock_path",
+    "lock_holder",
+    "verify_merged",
 ]
 
 
@@ -145,16 +159,25 @@ def merge_results(out: Path) -> list[dict[str, Any]]:
 
 
 def dumps(rec: dict[str, Any]) -> str:
-    """One record as a JSON line (without the newline); numpy / torch values become lists."""
-    return json.dumps(rec, ensure_ascii=False, default=_json_default)
+    """One record as a JSON line (without the newline); numpy / torch values become lists,
+    non-finite floats ``null`` (standard JSON has no NaN)."""
+    return json.dumps(_finite(rec), ensure_ascii=False, allow_nan=False)
 
 
-def _json_default(x: Any) -> Any:
-    """numpy / torch scalars and arrays that a detector may return."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
+def _finite(x: Any) -> Any:
+    """``x`` with numpy / torch values as Python ones and non-finite floats as None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    if isinstance(x, Mapping):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if hasattr(x, "tolist"):  # numpy / torch scalars and arrays
+        return _finite(x.tolist())
     if hasattr(x, "item"):
-        return x.item()
+        return _finite(x.item())
     raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
@@ -203,3 +226,131 @@ def cut_partial_line(path: Path) -> None:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer at a time
+# ----------------------------------------------------------------------------------------------
+def lock_path(out: Path) -> Path:
+    """The lock file of results file ``out``."""
+    return out.with_name(out.name + ".lock")
+
+
+class OutputLock:
+    """Exclusive lock on a results file for the whole of a job: ``flock(2)`` on ``OUT.lock``.
+
+    The kernel drops the lock when the process dies (even by ``kill -9``), so a killed job never
+    blocks its ``--resume``; a lock file left behind by one is stale and taken over. ``info``
+    (JSON) is written into the lock file for :func:`lock_holder` and for the error a second job
+    gets. Where ``fcntl`` does not exist (Windows) there is no lock.
+    """
+
+    def __init__(self, out: Path, info: dict[str, Any]):
+        self.path = lock_path(Path(out))
+        self.out = Path(out)
+        self.info = info
+        self._fd: int | None = None
+
+    def acquire(self, wait: float = 1.0) -> None:
+        """Take the lock, or raise :class:`ScanError` naming the job that holds it. ``wait``:
+        seconds to retry first (``attnmem status`` may hold a shared lock for an instant)."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ScanError(
+                    f"--out {self.out}: cannot create {self.path.name} in {self.path.parent}: "
+                    f"{e.strerror or e}"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise ScanError(self._busy_message()) from None
+            # The holder before us may have removed the file between our open and our lock:
+            # then we hold a lock on a file nobody else can see; start again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(self.info) + "\n").encode("utf-8"))
+            self._fd = fd
+            return
+
+    def _busy_message(self) -> str:
+        who = lock_holder(self.out) or {}
+        what = f"attnmem {who.get('command', 'job')}"
+        if who.get("pid"):
+            what += (
+                f" (pid {who['pid']} on {who.get('host', '?')}, started {who.get('started', '?')})"
+            )
+        return (
+            f"{self.out} is being written by another {what}; two jobs on one output would lose "
+            f"records. Wait for it to finish (attnmem status {self.out} shows its progress), "
+            "or choose another --out."
+        )
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (harmless when not held)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still holding it: see acquire
+        os.close(self._fd)
+        self._fd = None
+
+
+def lock_holder(out: Path) -> dict[str, Any] | None:
+    """What the job holding ``out``'s lock wrote into the lock file, or None when no job holds
+    it (no lock file, or a stale one left by a killed job)."""
+    path = lock_path(Path(out))
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            data = os.read(fd, 1 << 16)
+            try:
+                info = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                info = {}
+            return info if isinstance(info, dict) else {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def verify_merged(out: Path, ids: Iterable[int], written: Sequence[dict[str, Any]]) -> None:
+    """Read ``out`` back after a merge: it must hold exactly the ``written`` records and a
+    record for every id in ``ids``; otherwise raise :class:`ScanError` naming the missing ids."""
+    on_disk, _ = read_records(out)
+    found = {r["id"] for r in on_disk}
+    missing = [i for i in ids if i not in found]
+    if missing or len(on_disk) != len(written):
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ScanError(
+            f"{out} lost records while this job ran: {len(on_disk)} records on disk, "
+            f"{len(written)} written"
+            + (f", no record for ids {shown}" if missing else "")
+            + ". Something else wrote to the file (another job ignoring its lock, or an "
+            "editor); rerun with --resume to redo the missing ids."
+        )

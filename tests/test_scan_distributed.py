@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnmem import results, scan
+from attnmem import jobs, results, scan
 
 PROMPTS = [
     "The No Limits Business Woman Podcast",
@@ -104,7 +104,7 @@ def test_sharded_resume_completes_an_interrupted_run(tmp_path, reference):
 
 def test_batches_are_id_blocks():
     # Ids 1 and 4 already done: the others keep their block (and so their batch-mates).
-    assert scan._batches([0, 2, 3, 5, 6, 7, 8], 3) == [[0, 2], [3, 5], [6, 7, 8]]
+    assert jobs._batches([0, 2, 3, 5, 6, 7, 8], 3) == [[0, 2], [3, 5], [6, 7, 8]]
 
 
 def test_partial_last_line_is_ignored_and_cut(tmp_path):

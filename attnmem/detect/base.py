@@ -151,6 +151,11 @@ class Detector:
         """One result per prompt; prompt i uses seed ``seeds[i]``."""
         raise NotImplementedError
 
+    def unet_calls(self) -> int:
+        """UNet forwards of one ``score_batch`` call (for progress display): by default one
+        per denoising step."""
+        return self.num_inference_steps
+
     def _pipe_kwargs(self, guidance_scale: float | None = None) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "num_inference_steps": self.num_inference_steps,

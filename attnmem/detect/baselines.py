@@ -44,6 +44,9 @@ class WenDetector(Detector):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "start": self.start, "end": self.end, "n": self.n}
 
+    def unet_calls(self) -> int:
+        return self.end
+
     def norms(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         """(n_steps, n_prompts * n) noise-difference norms, prompt-major."""
         self._check(prompts, seeds)

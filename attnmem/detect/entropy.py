@@ -55,6 +55,9 @@ class EntropyE(Detector):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "layer": self.layer, "early_exit": self.early_exit}
 
+    def unet_calls(self) -> int:
+        return 1  # step 0 only
+
     def record(self, prompts: Sequence[str], seeds: Sequence[int]) -> AttentionRecord:
         """The attention record of step 0 at the chosen layer, one image per prompt."""
         self._check(prompts, seeds)
