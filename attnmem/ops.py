@@ -23,6 +23,7 @@ __all__ = [
     "cross_attention",
     "fast_path_reasons",
     "strict",
+    "is_strict",
     "validate_inputs",
     "CPU_DTYPES",
     "CUDA_DTYPES",
@@ -48,6 +49,11 @@ def strict(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _strict.reset(token)
+
+
+def is_strict() -> bool:
+    """Whether :func:`strict` (or ``ATTNMEM_STRICT=1``) is in force here."""
+    return _strict.get()
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ current generation. Installing and removing the processors is :mod:`attnmem.patc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from attnmem import ops
+from attnmem import ops, reference
 from attnmem.mitigate import Mitigation
 from attnmem.record import AttentionRecord, RecordSpec
 
@@ -61,6 +62,17 @@ class Controller:
         self.stop_after_step: int | None = None  # early exit once this UNet call has ended
         self._call: dict[str, Any] | None = None
         self._row_cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._warned: set[str] = set()
+
+    def fallback(self, name: str, why: str, consequence: str) -> None:
+        """An input attnmem's kernel cannot take: warn once per reason (per patch), or raise
+        under :func:`attnmem.strict` / ``ATTNMEM_STRICT=1``."""
+        message = f"attnmem: {name}: {why}; {consequence}"
+        if ops.is_strict():
+            raise RuntimeError(message + " (refused: strict mode is on)")
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(message + " (warned once per patch)", stacklevel=2)
 
     # -- call boundaries ------------------------------------------------------------------------
     def begin_prompts(self, prompts: PromptBatch) -> None:
@@ -162,11 +174,35 @@ class Controller:
         return s == name or name.startswith(s + ".")
 
 
+def _key_mask(mask: torch.Tensor, B: int, Nk: int) -> torch.Tensor | None:
+    """The (B, Nk) boolean key mask (True = attend) of an ``attention_mask`` given to a
+    cross-attention module, or None when it is not a key mask attnmem can apply: a boolean
+    mask, or diffusers' additive bias from ``encoder_attention_mask`` (0 = attend, -10000 =
+    masked; any value <= -1000 is a zero probability in fp32), of shape (B, Nk) or (B, 1, Nk).
+    A mask that differs per query, or a soft bias, is not."""
+    if mask.dim() == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 2 or mask.shape != (B, Nk):
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.dtype.is_floating_point:
+        return None
+    keep = mask == 0
+    if not bool((keep | (mask <= -1000)).all()):
+        return None
+    return keep
+
+
 class AttnMemProcessor:
     """diffusers attention processor (``AttnProcessor`` call signature) running attnmem's op.
 
-    Installed only on cross-attention modules. Inputs the op cannot take (an attention mask,
-    more than 128 keys, self-attention) go to the module's original processor.
+    Installed only on cross-attention modules. Inputs the compiled kernel cannot take, more
+    than 128 text tokens (long-prompt embeddings) or an ``encoder_attention_mask``, run on the
+    reference (:mod:`attnmem.reference`) with the same mitigation and statistics, with a
+    warning once (an error in strict mode). A mask that is not a key mask (it differs per
+    query, or is a soft bias) cannot take attnmem's mitigation: that layer runs the original
+    processor, with the same warning or error.
     """
 
     def __init__(self, controller: Controller, name: str, original: Any):
@@ -184,15 +220,16 @@ class AttnMemProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        # Self-attention, an attention mask (attnmem masks by key length only) or more keys
-        # than the op takes: the module's original processor runs it.
-        if (
-            encoder_hidden_states is None
-            or attention_mask is not None
-            or encoder_hidden_states.shape[1] > ops.MAX_KEYS
-        ):
+        ctl = self.controller
+        if encoder_hidden_states is None:  # self-attention: not attnmem's
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
+        if isinstance(encoder_hidden_states, tuple):
+            raise ValueError(
+                f"attnmem: {self.name} received (text, image) embeddings: an IP-Adapter is "
+                "active, which attnmem does not support; call pipe.unload_ip_adapter() before "
+                "attnmem.patch()"
             )
 
         residual = hidden_states
@@ -202,10 +239,29 @@ class AttnMemProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        B, Nq, _ = hidden_states.shape
+        Nk = encoder_hidden_states.shape[1]
+
+        index, key_len, bos_scale, want = ctl.layer_params(self.name, Nk, hidden_states.device)
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = _key_mask(attention_mask, B, Nk)
+            if key_mask is None:
+                ctl.fallback(
+                    self.name,
+                    f"an attention mask of shape {tuple(attention_mask.shape)} that is not a "
+                    "boolean or 0/-10000 key mask",
+                    "this layer runs its original processor: no mitigation, no statistics",
+                )
+                out = self.original(
+                    attn, residual, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+                )
+                if ctl.should_stop(self.name, index):
+                    raise EarlyExit(self.name)
+                return out
+
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        B, Nq, _ = hidden_states.shape
-
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -213,7 +269,6 @@ class AttnMemProcessor:
         value = attn.to_v(encoder_hidden_states)
         H = attn.heads
         D = key.shape[-1] // H
-        Nk = key.shape[1]
         # (B, N, H*D) -> (B, N, H, D) views: the op reads diffusers' layout without copies.
         query = query.view(B, Nq, H, D)
         key = key.view(B, Nk, H, D)
@@ -223,11 +278,31 @@ class AttnMemProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        ctl = self.controller
-        index, key_len, bos_scale, want = ctl.layer_params(self.name, Nk, query.device)
-        out, prob_sum, ent_sum, _ = ops.cross_attention_unchecked(
-            query, key, value, key_len, bos_scale, attn.scale, want
-        )
+        if Nk > ops.MAX_KEYS or key_mask is not None:
+            why = (
+                f"{Nk} text tokens (the compiled kernel takes at most {ops.MAX_KEYS})"
+                if Nk > ops.MAX_KEYS
+                else "an encoder_attention_mask"
+            )
+            ctl.fallback(
+                self.name,
+                why,
+                "it runs on attnmem's PyTorch reference (same mitigation and statistics, slower)",
+            )
+            out, prob_sum, ent_sum, _ = reference.cross_attention(
+                query,
+                key,
+                value,
+                key_len=key_len,
+                bos_scale=bos_scale,
+                scale=attn.scale,
+                stats=want,
+                key_mask=key_mask,
+            )
+        else:
+            out, prob_sum, ent_sum, _ = ops.cross_attention_unchecked(
+                query, key, value, key_len, bos_scale, attn.scale, want
+            )
         if want:
             ctl.store(self.name, prob_sum, ent_sum, Nq)
         if ctl.should_stop(self.name, index):
