@@ -41,6 +41,9 @@ RECORD_KEYS = {
     "triggers",
     "entropy_steps",
     "forwards",
+    "jvps",
+    "backwards",
+    "components",
     "seconds",
     "error",
 }

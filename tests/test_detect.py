@@ -13,6 +13,7 @@ from attnmem.detect import (
     EntropyE,
     WenDetector,
     generators,
+    initial_latents,
     make_detector,
     tiled_l2,
     token_view,
@@ -186,6 +187,72 @@ def test_same_seeds_same_latents_across_methods(pipe):
     torch.testing.assert_close(e_latents, wen_latents[3:])  # Wen's batch is [uncond, cond]
 
 
+def _unet_inputs(pipe, fn):
+    """The latents each UNet call of ``fn()`` received."""
+    seen = []
+    h = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["sample"]).detach().clone()),
+        with_kwargs=True,
+    )
+    try:
+        fn()
+    finally:
+        h.remove()
+    return seen
+
+
+def test_seeding_rule_is_what_the_pipeline_draws(pipe):
+    """Generation j of seed s starts from torch.Generator().manual_seed(1000 s + j) noise, drawn
+    as the pipeline draws it; a generator per prompt draws its n latents in one call."""
+    n = 2
+    x, _ = initial_latents(pipe, 2, n, seeds=[7, 8])
+    for k, (s, j) in enumerate([(7, 0), (7, 1), (8, 0), (8, 1)]):
+        g = torch.Generator().manual_seed(1000 * s + j)
+        torch.testing.assert_close(x[k], torch.randn(4, 8, 8, generator=g), rtol=0, atol=0)
+    # per prompt: each prompt's n latents from its generator in one call
+    gp = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    xp, _ = initial_latents(pipe, 2, n, generator=gp)
+    ref = torch.cat(
+        [torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    )
+    torch.testing.assert_close(xp, ref, rtol=0, atol=0)
+    # one generator: what pipe(generator=g) itself draws for the whole batch
+    seen = _unet_inputs(
+        pipe,
+        lambda: pipe(
+            PROMPTS[:2],
+            num_inference_steps=1,
+            num_images_per_prompt=n,
+            generator=torch.Generator().manual_seed(9),
+            output_type="latent",
+        ),
+    )
+    x1, _ = initial_latents(pipe, 2, n, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(seen[0][2 * n :], x1, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="3 generators for 2 prompts x 2"):
+        initial_latents(pipe, 2, n, generator=gp + gp[:1])
+    with pytest.raises(ValueError, match=r"latents must have shape \(4, 4, 8, 8\)"):
+        initial_latents(pipe, 2, n, latents=torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="give seeds, generator or latents"):
+        initial_latents(pipe, 2, n)
+
+
+@pytest.mark.parametrize("metric", ["E", "wen"])
+def test_explicit_latents_and_generators_reproduce_seeded_scores(pipe, metric):
+    det = make_detector(
+        metric, pipe, num_inference_steps=3, **({"n": 2} if metric == "wen" else {})
+    )
+    n = det.generations
+    by_seed = [r["score"] for r in det.score_batch(PROMPTS, SEEDS)]
+    x, _ = initial_latents(pipe, len(PROMPTS), n, seeds=SEEDS)
+    by_latents = [r["score"] for r in det.score_batch(PROMPTS, latents=x)]
+    by_gens = [r["score"] for r in det.score_batch(PROMPTS, generator=generators(SEEDS, n))]
+    np.testing.assert_allclose(by_latents, by_seed, rtol=1e-6)
+    np.testing.assert_allclose(by_gens, by_seed, rtol=1e-6)
+    other = [r["score"] for r in det.score_batch(PROMPTS, latents=torch.randn_like(x))]
+    assert not np.allclose(other, by_seed)
+
+
 def test_tiled_l2_by_hand():
     a = np.zeros((8, 8, 3))
     b = np.zeros((8, 8, 3))
@@ -200,7 +267,7 @@ def test_carlini_scores_identical_generations_highest(pipe, monkeypatch):
     det = CarliniDetector(pipe, n=3, num_inference_steps=2)
     same = np.zeros((2, 3, 8, 8, 3))
     same[1] = np.random.default_rng(0).random((3, 8, 8, 3))
-    monkeypatch.setattr(det, "images", lambda prompts, seeds: same)
+    monkeypatch.setattr(det, "images", lambda prompts, seeds, **kw: same)
     s = [r["score"] for r in det.score_batch(["a", "b"], [0, 1])]
     assert s[0] == 0.0 and s[1] < s[0]
 

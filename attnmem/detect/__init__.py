@@ -18,6 +18,7 @@ from attnmem.detect.base import (
     Detector,
     generation_seed,
     generators,
+    initial_latents,
     token_view,
     top_triggers,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "RESULT_FIELDS",
     "generation_seed",
     "generators",
+    "initial_latents",
     "token_view",
     "top_triggers",
     "DEFAULT_E_LAYER",

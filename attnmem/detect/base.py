@@ -2,10 +2,21 @@
 (:class:`DetectionResult`), per-generation seeds, and the per-token view of an attention record.
 
 A detector scores prompts, higher = more likely memorized: ``score_batch(prompts, seeds)``
-returns one :class:`DetectionResult` per prompt. Generation j of a prompt whose seed is s uses
-:func:`generation_seed` ``(s, j)``, the same for every method, so detectors that generate see
-the same images. A new detector subclasses :class:`Detector` (a dataclass: its fields are its
-options), sets ``name`` and ``summary`` and is listed in :data:`attnmem.detect.METRICS`.
+returns one :class:`DetectionResult` per prompt.
+
+**Starting noise** (:func:`initial_latents`, docs/method.md §4 "Seeds"), the same for every
+method, so detectors that generate see the same images:
+
+- ``seeds``: generation j of a prompt whose seed is s starts from the noise of a CPU
+  ``torch.Generator`` seeded :func:`generation_seed` ``(s, j)`` = ``1000 s + j``;
+- ``generator=``: as diffusers pipelines take it: one generator (all latents drawn from it in
+  one call, prompt-major), a list with one per generation (``len = prompts x n``), or a list with
+  one per prompt (its n latents drawn from it in one call, as the official codes draw them);
+- ``latents=``: explicit starting noise ``(prompts x n, C, h, w)``, prompt-major, to reproduce
+  another code base's per-prompt scores exactly.
+
+A new detector subclasses :class:`Detector` (a dataclass: its fields are its options), sets
+``name`` and ``summary`` and is listed in :data:`attnmem.detect.METRICS`.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ __all__ = [
     "finished_record",
     "generation_seed",
     "generators",
+    "initial_latents",
     "token_view",
     "top_triggers",
 ]
@@ -37,7 +49,11 @@ __all__ = [
 class DetectionResult(TypedDict):
     """One prompt's result; these are also the result fields of a results-file record.
 
-    score: higher = more likely memorized. forwards: UNet passes per prompt. The rest is
+    score: higher = more likely memorized. forwards: UNet sample-passes per prompt (one image
+    row through the UNet once; a CFG call on n generations is 2n); jvps: forward-mode JVP
+    sample-passes through the UNet (each carries its own primal; ``sharpness``); backwards:
+    reverse-mode sample-passes (none of the detectors). components: named parts of a combined
+    score (``anisotropy``: the norm and cosine terms), or None. The rest is
     filled by attention-based detectors (None / [] otherwise): L, the prompt's tokenized length
     (first EOS + 1); truncated, whether it exceeded 75 word-pieces; tokens and attention, the
     77 token strings and the attention per position (:func:`token_view`); triggers, the prompt
@@ -53,6 +69,9 @@ class DetectionResult(TypedDict):
     triggers: list[list[Any]]
     entropy_steps: dict[str, list] | None
     forwards: int
+    jvps: int
+    backwards: int
+    components: dict[str, float] | None
 
 
 RESULT_FIELDS: tuple[str, ...] = tuple(DetectionResult.__annotations__)
@@ -63,7 +82,8 @@ def detection_result(score: float, forwards: int, **fields: Any) -> DetectionRes
     unknown = set(fields) - set(RESULT_FIELDS)
     if unknown:
         raise TypeError(f"not result fields: {sorted(unknown)}; the fields are {RESULT_FIELDS}")
-    res = {key: None for key in RESULT_FIELDS} | {"triggers": []} | fields
+    res = {key: None for key in RESULT_FIELDS} | {"triggers": [], "jvps": 0, "backwards": 0}
+    res |= fields
     res.update(score=float(score), forwards=int(forwards))
     return DetectionResult(**res)
 
@@ -76,6 +96,80 @@ def generation_seed(seed: int, j: int) -> int:
 def generators(seeds: Sequence[int], n: int = 1) -> list[torch.Generator]:
     """CPU generators for n generations per prompt, prompt-major (diffusers' image order)."""
     return [torch.Generator().manual_seed(generation_seed(s, j)) for s in seeds for j in range(n)]
+
+
+GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+
+
+def latent_shape(pipe: Any, height: int | None = None, width: int | None = None) -> tuple:
+    """(C, h, w) of one starting latent, as the pipeline's ``prepare_latents`` makes it."""
+    unet = pipe.unet
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    size = getattr(pipe, "default_sample_size", None) or unet.config.sample_size
+    h = int(height or size * scale) // scale
+    w = int(width or size * scale) // scale
+    return (int(unet.config.in_channels), h, w)
+
+
+def pipeline_device_dtype(pipe: Any) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype the pipeline draws its latents (its prompt embeddings' dtype)."""
+    device = getattr(pipe, "_execution_device", None) or pipe.unet.device
+    enc = getattr(pipe, "text_encoder", None)
+    return torch.device(device), (enc.dtype if enc is not None else pipe.unet.dtype)
+
+
+def initial_latents(
+    pipe: Any,
+    n_prompts: int,
+    n: int = 1,
+    *,
+    seeds: Sequence[int] | None = None,
+    generator: GeneratorArg = None,
+    latents: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[torch.Tensor, GeneratorArg]:
+    """The starting noise of ``n_prompts x n`` generations, prompt-major, and the generator(s)
+    to hand on to the pipeline (for its scheduler's noise, if it draws any).
+
+    Exactly what ``pipe(..., generator=...)`` would draw (diffusers' ``randn_tensor``, CPU
+    generators draw on the CPU in the pipeline's dtype), before the scheduler's
+    ``init_noise_sigma``. Precedence: ``latents``, then ``generator``, then ``seeds``
+    (generation j of seed s: ``generation_seed(s, j)``); see the module docstring.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    rows = n_prompts * n
+    shape = (rows, *latent_shape(pipe, height, width))
+    device, dtype = pipeline_device_dtype(pipe)
+    if latents is not None:
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
+            raise ValueError(
+                f"latents must have shape {shape} ({n_prompts} prompts x {n} generations, "
+                f"prompt-major), got {got}"
+            )
+        return latents.to(device=device, dtype=dtype), generator
+    if generator is None:
+        if seeds is None:
+            raise ValueError("give seeds, generator or latents for the starting noise")
+        gens = generators(seeds, n)
+        return randn_tensor(shape, generator=gens, device=device, dtype=dtype), gens
+    if isinstance(generator, torch.Generator):
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype), generator
+    generator = list(generator)
+    if len(generator) == rows:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype), generator
+    if len(generator) == n_prompts:
+        one = (n, *shape[1:])
+        x = torch.cat(
+            [randn_tensor(one, generator=g, device=device, dtype=dtype) for g in generator]
+        )
+        return x, None
+    raise ValueError(
+        f"got {len(generator)} generators for {n_prompts} prompts x {n} generations: pass one "
+        f"generator, one per prompt ({n_prompts}) or one per generation ({rows})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,14 +241,51 @@ class Detector:
             "width": self.width,
         }
 
-    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
-        """One result per prompt; prompt i uses seed ``seeds[i]``."""
+    @property
+    def generations(self) -> int:
+        """Generations (starting latents) per prompt."""
+        return int(getattr(self, "n", 1))
+
+    def score_batch(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> list[DetectionResult]:
+        """One result per prompt. Starting noise (module docstring): prompt i's generations use
+        seed ``seeds[i]``, or ``generator`` (one, one per prompt or one per generation), or
+        ``latents`` of shape ``(prompts x generations, C, h, w)``, prompt-major."""
         raise NotImplementedError
 
     def unet_calls(self) -> int:
         """UNet forwards of one ``score_batch`` call (for progress display): by default one
         per denoising step."""
         return self.num_inference_steps
+
+    def starting_noise(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None,
+        generator: GeneratorArg,
+        latents: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, GeneratorArg]:
+        """Check the batch and draw its starting noise (:func:`initial_latents`)."""
+        if not prompts:
+            raise ValueError("no prompts to score")
+        if seeds is not None:
+            self._check(prompts, seeds)
+        return initial_latents(
+            self.pipe,
+            len(prompts),
+            self.generations,
+            seeds=seeds,
+            generator=generator,
+            latents=latents,
+            height=self.height,
+            width=self.width,
+        )
 
     def _pipe_kwargs(self, guidance_scale: float | None = None) -> dict[str, Any]:
         kw: dict[str, Any] = {

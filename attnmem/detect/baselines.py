@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from attnmem.detect.base import DetectionResult, Detector, detection_result, generators
+from attnmem.detect.base import DetectionResult, Detector, GeneratorArg, detection_result
 
 __all__ = ["WenDetector", "CarliniDetector", "tiled_l2"]
 
@@ -47,9 +47,15 @@ class WenDetector(Detector):
     def unet_calls(self) -> int:
         return self.end
 
-    def norms(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+    def norms(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(n_steps, n_prompts * n) noise-difference norms, prompt-major."""
-        self._check(prompts, seeds)
         if not 0 <= self.start < self.end <= self.num_inference_steps:
             raise ValueError(
                 f"wen: need 0 <= start < end <= num_inference_steps, got [{self.start}, {self.end}) of {self.num_inference_steps}"
@@ -58,6 +64,7 @@ class WenDetector(Detector):
             raise ValueError(
                 "wen: the noise difference needs classifier-free guidance (guidance_scale > 1)"
             )
+        x, gens = self.starting_noise(prompts, seeds, generator, latents)
         found: list[torch.Tensor] = []
         step = {"t": 0}
 
@@ -76,7 +83,8 @@ class WenDetector(Detector):
             self.pipe(
                 list(prompts),
                 num_images_per_prompt=self.n,
-                generator=generators(seeds, self.n),
+                latents=x,
+                generator=gens,
                 **self._pipe_kwargs(),
             )
         except _Stop:
@@ -85,8 +93,15 @@ class WenDetector(Detector):
             h.remove()
         return torch.stack(found)
 
-    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
-        d = self.norms(prompts, seeds)  # (steps, P * n)
+    def score_batch(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> list[DetectionResult]:
+        d = self.norms(prompts, seeds, generator=generator, latents=latents)  # (steps, P * n)
         scores = d.mean(dim=0).view(len(prompts), self.n).mean(dim=1)
         return [detection_result(s, 2 * self.n * (self.end - self.start)) for s in scores]
 
@@ -117,20 +132,34 @@ class CarliniDetector(Detector):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "n": self.n, "tiles": self.tiles}
 
-    def images(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+    def images(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> np.ndarray:
         """(n_prompts, n, H, W, C) generated images in [0, 1]."""
-        self._check(prompts, seeds)
+        x, gens = self.starting_noise(prompts, seeds, generator, latents)
         kw = self._pipe_kwargs()
         kw["output_type"] = "np"
         imgs = self.pipe(
-            list(prompts), num_images_per_prompt=self.n, generator=generators(seeds, self.n), **kw
+            list(prompts), num_images_per_prompt=self.n, latents=x, generator=gens, **kw
         ).images
         return np.asarray(imgs).reshape(len(prompts), self.n, *np.asarray(imgs).shape[1:])
 
-    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
+    def score_batch(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> list[DetectionResult]:
         if self.n < 2:
             raise ValueError("carlini: needs n >= 2 generations per prompt")
-        imgs = self.images(prompts, seeds)
+        imgs = self.images(prompts, seeds, generator=generator, latents=latents)
         out = []
         for group in imgs:
             d = [

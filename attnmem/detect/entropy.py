@@ -11,7 +11,8 @@ Higher = more likely memorized:
   of the partial entropy over positions >= L-1 (EOS and summary tokens) from step 0:
   ``mean_{t in last} P_t - P_0`` with ``P_t = -sum_{j >= L-1} a_j ln a_j`` (not renormalized).
 
-E and D use generation 0 of each prompt's seed (:func:`attnmem.detect.base.generation_seed`).
+E and D use one generation per prompt: generation 0 of its seed
+(:func:`attnmem.detect.base.generation_seed`), or the given ``generator`` / ``latents``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 from attnmem.detect.base import (
     DetectionResult,
     Detector,
+    GeneratorArg,
     attention_results,
     finished_record,
-    generators,
     token_view,
 )
 from attnmem.patching import patch, run_unet_until
@@ -58,30 +59,43 @@ class EntropyE(Detector):
     def unet_calls(self) -> int:
         return 1  # step 0 only
 
-    def record(self, prompts: Sequence[str], seeds: Sequence[int]) -> AttentionRecord:
+    def record(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> AttentionRecord:
         """The attention record of step 0 at the chosen layer, one image per prompt."""
-        self._check(prompts, seeds)
         prompts = list(prompts)
-        gens = generators(seeds)
+        x, gens = self.starting_noise(prompts, seeds, generator, latents)
         with patch(self.pipe, record=RecordSpec(steps=(0,), layers=(self.layer,))) as handle:
             if self.early_exit:
                 # guidance 1 = no CFG batch: the UNet sees the conditional rows only.
                 run_unet_until(
                     handle,
                     self.layer,
-                    lambda: self.pipe(prompts, generator=gens, **self._pipe_kwargs(1.0)),
+                    lambda: self.pipe(prompts, latents=x, generator=gens, **self._pipe_kwargs(1.0)),
                 )
             else:
                 run_unet_until(
                     handle,
                     None,
-                    lambda: self.pipe(prompts, generator=gens, **self._pipe_kwargs()),
+                    lambda: self.pipe(prompts, latents=x, generator=gens, **self._pipe_kwargs()),
                     step=0,
                 )
             return finished_record(handle)
 
-    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
-        rec = self.record(prompts, seeds)
+    def score_batch(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> list[DetectionResult]:
+        rec = self.record(prompts, seeds, generator=generator, latents=latents)
         scores = rec.entropy(steps=0, layers=self.layer)[0]
         views = [token_view(rec, i, steps=0, layers=self.layer) for i in range(len(prompts))]
         return attention_results(rec, scores, views, forwards=1 if self.early_exit else 2)
@@ -100,14 +114,28 @@ class EntropyD(Detector):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "last": self.last}
 
-    def record(self, prompts: Sequence[str], seeds: Sequence[int]) -> AttentionRecord:
-        self._check(prompts, seeds)
+    def record(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> AttentionRecord:
+        x, gens = self.starting_noise(prompts, seeds, generator, latents)
         with patch(self.pipe, record=True) as handle:
-            self.pipe(list(prompts), generator=generators(seeds), **self._pipe_kwargs())
+            self.pipe(list(prompts), latents=x, generator=gens, **self._pipe_kwargs())
             return finished_record(handle)
 
-    def score_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[DetectionResult]:
-        rec = self.record(prompts, seeds)
+    def score_batch(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        *,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> list[DetectionResult]:
+        rec = self.record(prompts, seeds, generator=generator, latents=latents)
         score, last = d_score(rec, self.last)
         per_step = rec.entropy()  # (n_steps, n_images), all layers
         views = [token_view(rec, i, steps=last) for i in range(len(prompts))]
