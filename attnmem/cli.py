@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n",
         type=_positive,
         default=d["n"],
-        help="wen/carlini: generations per prompt (default: wen 1, carlini 4)",
+        help="generations per prompt of wen, carlini, anisotropy, sharpness, nemo (default: "
+        "wen, anisotropy, sharpness 1; carlini 4; nemo 10)",
     )
     scan.add_argument(
         "--seed",

@@ -4,6 +4,9 @@
   (:class:`DetectionResult`), per-generation seeds, the per-token view (:func:`token_view`);
 - :mod:`attnmem.detect.entropy`: the paper's metrics E (first step) and D (last steps);
 - :mod:`attnmem.detect.baselines`: Wen et al.'s noise-difference norm, Carlini-style similarity;
+- :mod:`attnmem.detect.anisotropy`, :mod:`attnmem.detect.sharpness`, :mod:`attnmem.detect.nemo`:
+  Asthana & Belagiannis (ICLR 2026), Jeon et al. (ICML 2025), Hintersdorf et al. (NeurIPS 2024),
+  which call the UNet directly (:mod:`attnmem.detect.noise`);
 - :mod:`attnmem.detect.registry`: :data:`METRICS` (name -> class) and :func:`make_detector`.
 
 Example::
@@ -12,6 +15,7 @@ Example::
     results = det.score_batch(["a photo of a cat"], seeds=[0])   # [{"score": ..., ...}]
 """
 
+from attnmem.detect.anisotropy import AnisotropyDetector, pixel_cosine
 from attnmem.detect.base import (
     RESULT_FIELDS,
     DetectionResult,
@@ -24,7 +28,9 @@ from attnmem.detect.base import (
 )
 from attnmem.detect.baselines import CarliniDetector, WenDetector, tiled_l2
 from attnmem.detect.entropy import DEFAULT_E_LAYER, EntropyD, EntropyE, d_score
+from attnmem.detect.nemo import NemoDetector, ms_ssim
 from attnmem.detect.registry import METRICS, make_detector
+from attnmem.detect.sharpness import SharpnessDetector
 
 __all__ = [
     "Detector",
@@ -42,6 +48,11 @@ __all__ = [
     "WenDetector",
     "CarliniDetector",
     "tiled_l2",
+    "AnisotropyDetector",
+    "pixel_cosine",
+    "SharpnessDetector",
+    "NemoDetector",
+    "ms_ssim",
     "METRICS",
     "make_detector",
 ]
