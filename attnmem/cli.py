@@ -113,6 +113,19 @@ def common_parser() -> argparse.ArgumentParser:
     return common
 
 
+def _option(value: str) -> tuple[str, object]:
+    """KEY=VALUE; the value is read as JSON when it parses (numbers, true/false, null)."""
+    import json
+
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnmem`` argument parser (also used to render ``--help`` in the docs)."""
     from attnmem import __version__
@@ -180,10 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
         "wen, anisotropy, sharpness 1; carlini 4; nemo 10)",
     )
     scan.add_argument(
+        "--option",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further option of the metric, by its name in attnmem.detect (repeatable), "
+        "e.g. --option end=50 for wen over all steps, --option gamma_cos=0.1 for anisotropy",
+    )
+    scan.add_argument(
         "--seed",
         type=int_in(0, MAX_SEED),
         default=d["seed"],
-        help=f"base seed: prompt id i uses SEED + i ({d['seed']})",
+        help=f"base seed: prompt id i uses SEED + i, its generation j the CPU generator "
+        f"seeded 1000 (SEED + i) + j ({d['seed']})",
+    )
+    scan.add_argument(
+        "--latents",
+        type=Path,
+        default=d["latents"],
+        help="starting noise instead of the seeds: a torch.save file of one tensor "
+        "(prompts, n, C, h, w) or (prompts x n, C, h, w), indexed by prompt id",
     )
     scan.add_argument(
         "--device", default=d["device"], help="auto (CUDA when available), cpu, cuda, cuda:N"
@@ -261,7 +292,9 @@ def _scan(args: argparse.Namespace) -> int:
 
     # Every ScanOptions field but ``progress`` is an argument of the same name.
     names = [f.name for f in dataclasses.fields(ScanOptions) if f.name != "progress"]
-    opts = ScanOptions(**{name: getattr(args, name) for name in names}, progress=not args.quiet)
+    values = {name: getattr(args, name) for name in names}
+    values["options"] = dict(args.options)
+    opts = ScanOptions(**values, progress=not args.quiet)
     s = run_scan(opts)
     if s.rank != 0:
         return 1 if s.failed else 0

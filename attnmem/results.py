@@ -3,9 +3,11 @@ resumable.
 
 **A record** is one JSON object per line: ``id`` (the prompt's index among the non-blank lines
 of the prompt file), ``prompt``, ``seed``, the run's ``metric``, ``settings``, ``model`` and
-``dtype``, the detector's result fields (:data:`RESULT_FIELDS`, the schema of
+``dtype`` (and ``noise`` when the starting noise came from the caller, not from the seeds), the
+detector's result fields (:data:`RESULT_FIELDS`, the schema of
 :class:`attnmem.detect.DetectionResult`: ``score``, ``L``, ``truncated``, ``tokens``,
-``attention``, ``triggers``, ``entropy_steps``, ``forwards``), ``seconds`` and ``error`` (None,
+``attention``, ``triggers``, ``entropy_steps``, ``forwards``, ``jvps``, ``backwards``,
+``components``), ``seconds`` and ``error`` (None,
 or the message of a prompt that failed).
 
 **Append-only, resumable.** Each finished batch is appended, flushed and ``fsync``-ed
@@ -203,7 +205,8 @@ def check_resume(
                 f"cannot resume: the existing results hold id {i} = {rec.get('prompt')!r}, "
                 "which is not that line of this prompt file; scan into a new --out"
             )
-        for key, value in expect.items():
+        for key in {**expect, "noise": None}:
+            value = expect.get(key)
             if rec.get(key) != value:
                 raise ScanError(
                     f"cannot resume: the existing results (id {i}) were made with {key}="

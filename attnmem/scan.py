@@ -4,14 +4,28 @@ The CLI only parses arguments; the model comes from :mod:`attnmem.pipelines`, th
 :mod:`attnmem.detect`, and everything about the job itself (prompt ids, id-block batches, the
 output lock, resume, per-prompt failures, torchrun sharding, the merge and its verification)
 from :mod:`attnmem.jobs`. Each prompt becomes one record of :mod:`attnmem.results`.
+
+**Starting noise.** By default prompt ``id`` gets the seed ``base_seed + id`` and generation j
+of it the CPU generator seeded ``1000 (base_seed + id) + j`` (:mod:`attnmem.detect.base`). To
+reproduce another code base's scores, pass the noise per prompt id instead: ``latents``
+(``--latents FILE``: a tensor of shape ``(prompts, n, C, h, w)`` or ``(prompts x n, C, h, w)``,
+prompt-major, indexed by prompt id) or, from Python, ``generator``: one ``torch.Generator`` per
+prompt id (its n latents drawn from it in one call) or one per generation (``id x n + j``). A
+generator is never consumed: each batch, and each retry, draws from a copy of its state, so
+batching, retries and resumes see the same noise. The records then name the noise source
+(``noise``), and a resumed scan must use the same one.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from attnmem import detect, results
 from attnmem.errors import ScanError
@@ -23,7 +37,9 @@ __all__ = ["ScanError", "ScanOptions", "read_prompts", "run_scan"]
 
 @dataclass
 class ScanOptions:
-    """Everything ``attnmem scan`` takes. ``layer``/``n`` None = the metric's default."""
+    """Everything ``attnmem scan`` takes. ``layer``/``n`` None = the metric's default;
+    ``latents``: a tensor file of starting noise per prompt id (module docstring);
+    ``options``: further detector options by name (``--option KEY=VALUE``)."""
 
     prompts: Path
     out: Path
@@ -43,11 +59,14 @@ class ScanOptions:
     limit: int | None = None
     encoding: str = "utf-8"
     progress: bool = True
+    latents: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _detector_options(opts: ScanOptions) -> dict[str, Any]:
     """Options for make_detector; None = the metric's default (it rejects what it cannot use)."""
     return {
+        **opts.options,
         "num_inference_steps": opts.steps,
         "guidance_scale": opts.guidance,
         "height": opts.height,
@@ -57,12 +76,91 @@ def _detector_options(opts: ScanOptions) -> dict[str, Any]:
     }
 
 
-def run_scan(opts: ScanOptions, pipe: Any | None = None) -> JobSummary:
+def load_latents(path: str | os.PathLike) -> torch.Tensor:
+    """A tensor of starting noise from a ``torch.save`` file (loaded with ``weights_only``)."""
+    try:
+        t = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ScanError(f"--latents {path}: cannot load a tensor ({e})") from None
+    if not isinstance(t, torch.Tensor):
+        raise ScanError(f"--latents {path}: holds a {type(t).__name__}, not a tensor")
+    return t
+
+
+@dataclass
+class _Noise:
+    """The caller's starting noise per prompt id (module docstring), sliced per batch."""
+
+    n: int
+    n_prompts: int
+    generator: Sequence[torch.Generator] | None = None
+    latents: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is not None and self.latents is not None:
+            raise ScanError("pass generator or latents, not both")
+        if self.latents is not None:
+            lat = self.latents
+            if lat.ndim == 4 and lat.shape[0] == self.n_prompts * self.n:
+                lat = lat.view(self.n_prompts, self.n, *lat.shape[1:])
+            if lat.ndim != 5 or tuple(lat.shape[:2]) != (self.n_prompts, self.n):
+                raise ScanError(
+                    f"latents of shape {tuple(self.latents.shape)} do not fit {self.n_prompts} "
+                    f"prompts x {self.n} generations: give (prompts, n, C, h, w) or "
+                    "(prompts x n, C, h, w), indexed by prompt id"
+                )
+            self.latents = lat
+        if self.generator is not None:
+            self.generator = list(self.generator)
+            if len(self.generator) not in (self.n_prompts, self.n_prompts * self.n):
+                raise ScanError(
+                    f"got {len(self.generator)} generators for {self.n_prompts} prompts x "
+                    f"{self.n} generations: give one per prompt id or one per generation"
+                )
+
+    def describe(self) -> str | None:
+        """The ``noise`` field of the records (None: the seeding rule)."""
+        if self.latents is not None:
+            import hashlib
+
+            digest = hashlib.sha256(self.latents.float().contiguous().numpy().tobytes())
+            return f"latents sha256:{digest.hexdigest()[:16]}"
+        if self.generator is not None:
+            return "generator"
+        return None
+
+    def kwargs(self, ids: Sequence[int]) -> dict[str, Any]:
+        """``generator=`` / ``latents=`` for these prompt ids (copies: the originals stay unused)."""
+        if self.latents is not None:
+            return {"latents": self.latents[list(ids)].flatten(0, 1)}
+        if self.generator is not None:
+            per = 1 if len(self.generator) == self.n_prompts else self.n
+            return {
+                "generator": [_copy(self.generator[i * per + j]) for i in ids for j in range(per)]
+            }
+        return {}
+
+
+def _copy(g: torch.Generator) -> torch.Generator:
+    c = torch.Generator(device=g.device)
+    c.set_state(g.get_state())
+    return c
+
+
+def run_scan(
+    opts: ScanOptions,
+    pipe: Any | None = None,
+    *,
+    generator: Sequence[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+) -> JobSummary:
     """Score ``opts.prompts`` into ``opts.out`` (see the module docstring).
 
     ``pipe``: an already loaded pipeline to use instead of loading ``opts.model`` (the
-    record's ``model`` field still says ``opts.model``). Under torchrun each process calls
-    this; it starts and ends the process group itself.
+    record's ``model`` field still says ``opts.model``). ``generator`` / ``latents``: the
+    starting noise per prompt id instead of the seeding rule (module docstring; ``latents``
+    overrides ``opts.latents``). Under torchrun each process calls this; it starts and ends
+    the process group itself.
     """
     job = Job(
         name="scan",
@@ -86,19 +184,29 @@ def run_scan(opts: ScanOptions, pipe: Any | None = None) -> JobSummary:
             detector = detect.make_detector(opts.metric, pipe, **_detector_options(opts))
         except ValueError as e:
             raise ScanError(str(e)) from None
+        lat = latents if latents is not None or opts.latents is None else load_latents(opts.latents)
+        noise = _Noise(
+            detector.generations, len(read_prompts(opts.prompts, opts.encoding)), generator, lat
+        )
         base = {
             "metric": opts.metric,
             "settings": json.loads(results.dumps(detector.settings())),
             "model": opts.model,
             "dtype": str(dtype).removeprefix("torch."),
         }
+        if noise.describe() is not None:
+            base["noise"] = noise.describe()
+
+        def process(ids: list[int], prompts: list[str], seeds: list[int]) -> list:
+            kw = noise.kwargs(ids)
+            return detector.score_batch(prompts, None if kw else seeds, **kw)
 
         def record(i: int, prompt: str, seed: int, result: Any, seconds: float) -> dict:
             return results.make_record(i, prompt, seed, base, result, seconds)
 
         return JobRun(
             base=base,
-            process=lambda ids, prompts, seeds: detector.score_batch(prompts, seeds),
+            process=process,
             record=record,
             pipe=pipe,
             steps=detector.unet_calls(),

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnmem import cli, scan
+from attnmem.errors import ScanError
 from attnmem.testing import tiny_sd1_pipeline
 
 PROMPTS = [
@@ -125,6 +127,9 @@ def test_scan_end_to_end(tmp_path, prompt_file, loads, capsys):
         ("D", ["--steps", 3], 6),
         ("wen", ["--steps", 2], 2),
         ("carlini", ["--steps", 2, "--n", 2], 8),
+        ("anisotropy", [], 4),
+        ("sharpness", [], 2),
+        ("nemo", ["--n", 3, "--height", 128, "--width", 128], 3),
     ],
 )
 def test_scan_other_metrics(tmp_path, prompt_file, loads, metric, extra, forwards):
@@ -138,6 +143,51 @@ def test_scan_other_metrics(tmp_path, prompt_file, loads, metric, extra, forward
         assert len(recs[0]["entropy_steps"]["entropy"]) == 3
     else:
         assert recs[0]["attention"] is None and recs[0]["triggers"] == []
+
+
+def test_scan_with_latents_file_or_generators_equals_seeded_scan(
+    tmp_path, prompt_file, loads, shared_pipe
+):
+    from attnmem.detect import initial_latents
+    from attnmem.scan import ScanOptions, run_scan
+
+    seeded = tmp_path / "seeded.jsonl"
+    assert run("scan", prompt_file, "--out", seeded, "--metric", "wen", "--n", 2, "--seed", 3) == 0
+    ref = read(seeded)
+    n_prompts = len(NON_BLANK)
+    x, _ = initial_latents(shared_pipe, n_prompts, 2, seeds=range(3, 3 + n_prompts))
+    torch.save(x.view(n_prompts, 2, *x.shape[1:]), tmp_path / "lat.pt")
+    by_file = tmp_path / "file.jsonl"
+    args = ["--metric", "wen", "--n", 2, "--batch-size", 2, "--latents", tmp_path / "lat.pt"]
+    assert run("scan", prompt_file, "--out", by_file, *args) == 0
+    got = read(by_file)
+    assert all(r["noise"].startswith("latents sha256:") for r in got)
+    for a, b in zip(got, ref):
+        assert math.isclose(a["score"], b["score"], rel_tol=1e-5)
+    # a resumed scan must use the same noise
+    assert run("scan", prompt_file, "--out", by_file, "--metric", "wen", "--n", 2, "--resume") == 1
+    # one generator per prompt id, from Python; never consumed (the batch retry sees the same)
+    gens = [torch.Generator().manual_seed(1000 * (3 + i)) for i in range(n_prompts)]
+    opts = ScanOptions(prompt_file, tmp_path / "gen.jsonl", metric="wen", n=1, batch_size=3)
+    run_scan(opts, shared_pipe, generator=gens)
+    ref1 = tmp_path / "seeded1.jsonl"
+    assert run("scan", prompt_file, "--out", ref1, "--metric", "wen", "--seed", 3) == 0
+    for a, b in zip(read(tmp_path / "gen.jsonl"), read(ref1)):
+        assert a["noise"] == "generator" and math.isclose(a["score"], b["score"], rel_tol=1e-5)
+    with pytest.raises(ScanError, match="do not fit 5 prompts x 1"):
+        run_scan(ScanOptions(prompt_file, tmp_path / "bad.jsonl"), shared_pipe, latents=x)
+
+
+def test_option_reaches_the_detector(tmp_path, prompt_file, loads, capsys):
+    out = tmp_path / "r.jsonl"
+    argv = ["--metric", "wen", "--steps", 3, "--option", "end=2", "--limit", 1]
+    assert run("scan", prompt_file, "--out", out, *argv) == 0
+    rec = read(out)[0]
+    assert rec["settings"]["end"] == 2 and rec["forwards"] == 4
+    assert run("scan", prompt_file, "--out", tmp_path / "x.jsonl", "--option", "nope=1") == 1
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run("scan", prompt_file, "--out", tmp_path / "y.jsonl", "--option", "novalue")
 
 
 def test_metric_rejects_option_it_cannot_use(tmp_path, prompt_file, loads, capsys):
