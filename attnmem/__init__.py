@@ -23,6 +23,8 @@ _LAZY: dict[str, str] = {
     "PatchHandle": "attnmem.patching",
     "RecordSpec": "attnmem.record",
     "Mitigation": "attnmem.mitigate",
+    "GuidanceDelay": "attnmem.mitigate",
+    "PromptOptimization": "attnmem.mitigate",
     "AttentionRecord": "attnmem.record",
     "make_detector": "attnmem.detect",
     "METRICS": "attnmem.detect",
