@@ -38,11 +38,17 @@ _LAZY: dict[str, str] = {
 }
 
 
+# Subpackages reachable as attributes without an import (``attnmem.mitigate.apply(...)``).
+_SUBMODULES = ("detect", "mitigate")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"attnmem.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attnmem' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

@@ -74,6 +74,9 @@ class AnisotropyDetector(Detector):
             "t_low": t_lo,
         }
 
+    def unet_calls(self) -> int:
+        return 2
+
     def terms(
         self,
         prompts: Sequence[str],

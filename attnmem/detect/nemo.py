@@ -152,6 +152,9 @@ class NemoDetector(Detector):
         (t,) = timesteps(self.pipe, self.num_inference_steps, [self.step])
         return {**super().settings(), "n": self.n, "t": t, "scales": self.used_scales()}
 
+    def unet_calls(self) -> int:
+        return 1
+
     def differences(
         self,
         prompts: Sequence[str],

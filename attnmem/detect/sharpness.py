@@ -57,6 +57,9 @@ class SharpnessDetector(Detector):
         (t,) = timesteps(self.pipe, self.num_inference_steps, [self.step])
         return {**super().settings(), "n": self.n, "t": t}
 
+    def unet_calls(self) -> int:
+        return 2  # one forward, one JVP
+
     def values(
         self,
         prompts: Sequence[str],
