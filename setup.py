@@ -1,33 +1,109 @@
 """Build of attnmem's compiled extension ``attnmem._C``.
 
 Environment switches (all optional):
-  ATTNMEM_CPU_ONLY=1     never build the CUDA kernel
-  TORCH_CUDA_ARCH_LIST   GPU architectures (default here: "8.0;9.0")
-  MAX_JOBS               parallel compile jobs (ninja)
-The CUDA kernel is built when torch was built with CUDA (torch.version.cuda) and a CUDA
-toolkit is found (CUDA_HOME); a GPU is not needed to compile it.
+  ATTNMEM_CPU_ONLY=1      never build the CUDA kernel
+  ATTNMEM_REQUIRE_CUDA=1  fail the build when the CUDA kernel cannot be built (instead of
+                          building the CPU kernel alone)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default here: "8.0;9.0")
+  MAX_JOBS                parallel compile jobs (ninja)
+
+The CUDA kernel is built when torch was built with CUDA (torch.version.cuda), a CUDA toolkit
+with nvcc of the same major version is found (CUDA_HOME, else nvcc on PATH) and the CUDA
+headers torch's own headers include are there: in the toolkit, or in the nvidia-* wheels that
+``pip install torch`` brings (site-packages/nvidia/*/include, added to the include path here).
+A GPU is not needed to compile it. When it cannot be built, the CPU kernel is built alone and
+one line says why and how to get the CUDA kernel; ``python -m attnmem.info`` repeats it.
 """
 
 import glob
 import os
+import re
+import subprocess
+import sys
+import sysconfig
 
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# Headers that torch's ATen/cuda/CUDAContext.h (included by the CUDA kernel) pulls in.
+CUDA_HEADERS = ("cuda.h", "cuda_runtime_api.h", "cusparse.h", "cublas_v2.h", "cusolverDn.h")
 
 
-def want_cuda() -> bool:
+def wheel_cuda_includes() -> list[str]:
+    """Include folders of the nvidia-* wheels torch's CUDA build depends on (nvidia/cu13/include,
+    nvidia/<library>/include)."""
+    found = []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        found += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return [d for d in found if os.path.isdir(d)]
+
+
+def nvcc_major(cuda_home: str) -> int | None:
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.", out)
+    return int(m.group(1)) if m else None
+
+
+def cuda_plan() -> tuple[list[str] | None, str]:
+    """(extra include folders, "") when the CUDA kernel can be built, else (None, why not)."""
     if os.environ.get("ATTNMEM_CPU_ONLY", "0") == "1":
-        return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+        return None, "ATTNMEM_CPU_ONLY=1 is set"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} was built without CUDA"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return (
+            None,
+            f"torch {torch.__version__} needs a CUDA {torch.version.cuda} toolkit (nvcc) and none was found",
+        )
+    major, want = nvcc_major(CUDA_HOME), int(torch.version.cuda.split(".")[0])
+    if major != want:
+        return None, (
+            f"nvcc in {CUDA_HOME} is CUDA {major}, torch {torch.__version__} was built with "
+            f"CUDA {torch.version.cuda}"
+        )
+    includes = wheel_cuda_includes()
+    folders = [os.path.join(CUDA_HOME, "include"), *includes]
+    missing = [
+        h for h in CUDA_HEADERS if not any(os.path.isfile(os.path.join(d, h)) for d in folders)
+    ]
+    if missing:
+        return None, (
+            f"the CUDA headers {', '.join(missing)} are in neither {CUDA_HOME}/include nor the "
+            "nvidia-* wheels"
+        )
+    return includes, ""
+
+
+def _define(value: str) -> str:
+    """A string fit for a -D value on the compiler command line (no quotes or shell specials)."""
+    return re.sub(r"[\"'`$\\]", "", value)
 
 
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
-    if not want_cuda():
+    includes, why = cuda_plan()
+    if includes is None:
+        requested = os.environ.get("ATTNMEM_CPU_ONLY", "0") == "1"
+        if os.environ.get("ATTNMEM_REQUIRE_CUDA", "0") == "1":
+            sys.exit(f"attnmem: ATTNMEM_REQUIRE_CUDA=1 but the CUDA kernel cannot be built: {why}")
+        if not requested and torch.version.cuda is not None:
+            print(
+                f"attnmem: building the CPU kernel only: {why}. For the GPU kernel install the "
+                f"CUDA {torch.version.cuda} toolkit (or set CUDA_HOME to it) and reinstall; "
+                "ATTNMEM_REQUIRE_CUDA=1 makes this an error.",
+                file=sys.stderr,
+            )
+        cxx.append(f'-DATTNMEM_NO_CUDA_REASON="{_define(why)}"')
         return CppExtension(
             "attnmem._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
         )
@@ -38,6 +114,7 @@ def extension():
     return CUDAExtension(
         "attnmem._C",
         cpp + cu,
+        include_dirs=includes,
         extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
     )

@@ -49,6 +49,12 @@ def cuda_head_dims() -> tuple[int, ...]:
     return tuple(info.get("cuda_head_dims", ())) if info.get("cuda", False) else ()
 
 
+def cuda_not_built() -> str:
+    """Why the compiled module has no CUDA kernel, as setup.py found it ("" when it has one or
+    the module is absent)."""
+    return str(build_info().get("cuda_not_built", "")) if _C is not None else ""
+
+
 def has_kernel(device_type: str) -> bool:
     """True when a compiled kernel for ``device_type`` ('cpu' or 'cuda') is registered."""
     if _C is None:

@@ -32,7 +32,10 @@ def report() -> str:
                 f"head dims {list(info.get('cuda_head_dims', []))})"
             )
         else:
-            lines.append("  CUDA kernel: no (built without CUDA)")
+            why = _ext.cuda_not_built()
+            lines.append(
+                f"  CUDA kernel: no ({'not built: ' + why if why else 'built without CUDA'})"
+            )
     lines.append(f"torch.cuda.is_available(): {torch.cuda.is_available()}")
     probes = [("cpu", torch.float32, 40), ("cpu", torch.float16, 40)]
     if torch.cuda.is_available():

@@ -182,7 +182,10 @@ def fast_path_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[st
             reasons.append(f"CPU kernel takes float32/float16/bfloat16/float64, got {q.dtype}")
     elif dev == "cuda":
         if not _ext.has_kernel("cuda"):
-            reasons.append("attnmem._C was built without the CUDA kernel")
+            why = _ext.cuda_not_built()
+            reasons.append(
+                "attnmem._C was built without the CUDA kernel" + (f" ({why})" if why else "")
+            )
         else:
             if q.dtype not in CUDA_DTYPES:
                 reasons.append(f"CUDA kernel takes float32/float16/bfloat16, got {q.dtype}")

@@ -29,6 +29,10 @@ std::vector<int64_t> cuda_head_dims();  // defined in cuda/cross_attention_cuda.
 #ifndef ATTNMEM_CUDA_ARCH_LIST
 #define ATTNMEM_CUDA_ARCH_LIST ""
 #endif
+// Set by setup.py when it built the CPU kernel alone: why the CUDA kernel was not built.
+#ifndef ATTNMEM_NO_CUDA_REASON
+#define ATTNMEM_NO_CUDA_REASON ""
+#endif
 
 TORCH_LIBRARY(attnmem, m) {
   m.def(
@@ -58,6 +62,7 @@ pybind11::dict build_info() {
   info["cuda_version"] = pybind11::none();
   info["cuda_arch_list"] = std::string("");
   info["cuda_head_dims"] = std::vector<int64_t>{};
+  info["cuda_not_built"] = std::string(ATTNMEM_NO_CUDA_REASON);
 #endif
   return info;
 }
