@@ -14,7 +14,6 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install numpy ninja pybind11 setuptools wheel
-	$(PIP) install --no-deps open-clip-torch
 	touch $@
 
 # Builds the extension in place (editable install); rebuilt when a C++/CUDA source changes.

@@ -1,12 +1,10 @@
 """The real CLIP BPE tokenizer, built offline, and the token positions attnmem reasons about.
 
 Stable Diffusion's text encoders (SD1.x, SD2.x, both SDXL encoders) share OpenAI's CLIP BPE
-vocabulary of 49408 tokens. The hub cannot be reached on the machines attnmem is developed on,
-but the merge list ships inside the PyPI packages ``open-clip-torch`` and ``clip-anytorch``
-as ``bpe_simple_vocab_16e6.txt.gz``; :func:`clip_tokenizer` turns it into a
-``transformers.CLIPTokenizer`` that gives the same ids as the one diffusers pipelines load from
-the hub. The file is located with :func:`importlib.util.find_spec`, without importing those
-packages (importing them pulls in torchvision, ftfy and more).
+vocabulary of 49408 tokens. attnmem ships OpenAI's merge list, ``bpe_simple_vocab_16e6.txt.gz``
+(MIT, see ``attnmem/data/NOTICE.txt``), in ``attnmem/data``; :func:`clip_tokenizer` turns it
+into a ``transformers.CLIPTokenizer`` that gives the same ids as the one diffusers pipelines
+load from the hub, without the hub.
 
 Positions (docs/method.md §1): BOS at 0, prompt tokens at 1 … L−2, EOS at L−1, padding at L … 76, where
 **L is the index of the first EOS + 1**. Counting non-padding ids is wrong for both paddings:
@@ -31,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,8 +58,7 @@ SD2_PAD_ID = 0  # "!": SD2.x (OpenCLIP) and SDXL's second tokenizer pad with it
 CONTEXT_LENGTH = 77
 
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-# Packages that ship the merge list, in order of preference. Tests replace this tuple.
-_VOCAB_PACKAGES: tuple[str, ...] = ("open_clip", "clip")
+_BUNDLED_BPE = Path(__file__).resolve().parent / "data" / _BPE_FILE
 # OpenAI's vocabulary: 256 byte symbols, the same with the end-of-word mark, 48894 merges,
 # 2 specials = 49408. The file holds more merges than the vocabulary uses.
 _NUM_MERGES = 49408 - 2 * 256 - 2
@@ -71,32 +67,19 @@ Style = Literal["sd1", "sd2"]
 
 
 def bpe_vocab_path() -> Path:
-    """Path of ``bpe_simple_vocab_16e6.txt.gz`` inside an installed ``open_clip`` or ``clip``.
+    """Path of the bundled ``bpe_simple_vocab_16e6.txt.gz`` (``attnmem/data``).
 
     Raises:
-        FileNotFoundError: neither package is installed (or neither ships the file); the
-            message names the pip command that fixes it.
+        FileNotFoundError: the file is missing from the installation (a damaged or partial
+            install); the message says so and how to repair it.
     """
-    looked: list[str] = []
-    for name in _VOCAB_PACKAGES:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:
-            looked.append(f"{name} (not installed)")
-            continue
-        for folder in spec.submodule_search_locations or []:
-            candidate = Path(folder) / _BPE_FILE
-            if candidate.is_file():
-                return candidate
-        looked.append(f"{name} (installed, but without {_BPE_FILE})")
-    raise FileNotFoundError(
-        f"attnmem builds the CLIP tokenizer offline from {_BPE_FILE}, which ships inside the "
-        f"PyPI package open-clip-torch (or clip-anytorch); looked in: {', '.join(looked)}. "
-        "Install it without its heavy dependencies: pip install --no-deps open-clip-torch "
-        "(or pass bpe_path= to clip_tokenizer)."
-    )
+    if not _BUNDLED_BPE.is_file():
+        raise FileNotFoundError(
+            f"attnmem's CLIP vocabulary {_BUNDLED_BPE} is missing: the installation is "
+            "incomplete; reinstall attnmem (pip install --force-reinstall --no-deps attnmem, or "
+            "pip install -e . in a checkout), or pass bpe_path= to clip_tokenizer"
+        )
+    return _BUNDLED_BPE
 
 
 @functools.lru_cache(maxsize=1)
@@ -166,8 +149,7 @@ def clip_tokenizer(
     Args:
         style: ``"sd1"`` pads with EOS (id 49407), like SD1.x and SDXL's first tokenizer;
             ``"sd2"`` pads with ``!`` (id 0), like SD2.x (OpenCLIP) and SDXL's ``tokenizer_2``.
-        bpe_path: the merge list; default: found inside ``open_clip`` / ``clip``
-            (:func:`bpe_vocab_path`).
+        bpe_path: the merge list; default: the bundled one (:func:`bpe_vocab_path`).
 
     The instance is cached per (style, file) and shared: treat it as read-only.
     """

@@ -24,6 +24,7 @@ from attnmem.tokenizer import (
 )
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 # Prompts with capitals, punctuation, digits, quotes and non-ASCII, from tests/data/memattn-prompts.
 SAMPLE_PROMPTS = [
@@ -217,25 +218,29 @@ def test_lengths_from_ids_rejects_bad_input() -> None:
 # --- locating the vocabulary ---------------------------------------------------------------
 
 
-def test_missing_vocab_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tk, "_VOCAB_PACKAGES", ("attnmem_no_such_package",))
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps open-clip-torch") as err:
+def test_the_vocabulary_ships_with_attnmem() -> None:
+    import hashlib
+
+    path = bpe_vocab_path()
+    assert path == Path(tk.__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+    # OpenAI CLIP's file, byte for byte (the copy in open-clip-torch is the same).
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == BPE_SHA256
+    notice = (path.parent / "NOTICE.txt").read_text(encoding="utf-8")
+    assert "bpe_simple_vocab_16e6.txt.gz" in notice and "Copyright (c) 2021 OpenAI" in notice
+
+
+def test_missing_vocab_says_the_install_is_incomplete(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(tk, "_BUNDLED_BPE", tmp_path / "bpe_simple_vocab_16e6.txt.gz")
+    with pytest.raises(FileNotFoundError, match="installation is incomplete; reinstall"):
         bpe_vocab_path()
-    assert "attnmem_no_such_package (not installed)" in str(err.value)
     # The tokenizer cache must not hide a missing file.
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps open-clip-torch"):
+    with pytest.raises(FileNotFoundError, match="installation is incomplete"):
         clip_tokenizer("sd1")
 
 
-def test_package_without_vocab(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tk, "_VOCAB_PACKAGES", ("json",))  # a package, but without the file
-    with pytest.raises(FileNotFoundError, match=r"json \(installed, but without"):
-        bpe_vocab_path()
-
-
-def test_explicit_bpe_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_bpe_path(monkeypatch, tmp_path) -> None:
     path = bpe_vocab_path()
-    monkeypatch.setattr(tk, "_VOCAB_PACKAGES", ())
+    monkeypatch.setattr(tk, "_BUNDLED_BPE", tmp_path / "missing.gz")
     assert clip_tokenizer("sd1", bpe_path=path)("a photo of a cat").input_ids == CAT
 
 
