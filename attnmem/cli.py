@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ids(ids: list[int], n: int = 10) -> str:
+    return ", ".join(map(str, ids[:n])) + (" ..." if len(ids) > n else "")
+
+
 def _scan(args: argparse.Namespace) -> int:
     from attnmem.scan import ScanOptions, run_scan
 
@@ -302,8 +306,16 @@ def _scan(args: argparse.Namespace) -> int:
         f"attnmem scan: {s.done} prompt(s) scored, {s.skipped} already done, "
         f"{len(s.failed)} failed -> {s.out}"
     )
+    cut = [r["id"] for r in s.records if r.get("truncated")]
+    if cut:
+        print(
+            f"attnmem scan: {len(cut)} prompt(s) longer than 75 word-pieces were truncated to 77 "
+            f"tokens (ids {_ids(cut)}): the model sees only their first 75; their records say "
+            "truncated: true",
+            file=sys.stderr,
+        )
     if s.failed:
-        shown = ", ".join(map(str, s.failed[:10])) + (" ..." if len(s.failed) > 10 else "")
+        shown = _ids(s.failed)
         print(
             f"attnmem scan: failed ids: {shown} (errors are in their records; "
             "rerun with --resume to retry them)",

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,6 +48,22 @@ def _cross_attention_modules(unet: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised by the caller of this function that names the first
+    frame outside attnmem, diffusers, transformers and torch: the user's pipeline call, not a
+    library file in between (torch.no_grad's wrapper, the pipeline's ``__call__``)."""
+    import diffusers
+    import transformers
+
+    import attnmem
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (attnmem, diffusers, transformers, torch))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _prompt_info(
     pipe: Any, bound: inspect.BoundArguments, prompt_embeds: torch.Tensor
 ) -> PromptBatch:
@@ -70,7 +88,7 @@ def _prompt_info(
             cut = [i for i, t in enumerate(truncated) if t]
             warnings.warn(
                 f"attnmem: prompts {cut} exceed 75 word-pieces and were truncated to L = 77",
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
     if prompts is not None and n_rows != len(prompts) * n_img:
         n_img = max(1, n_rows // len(prompts))

@@ -193,13 +193,16 @@ class AttentionRecord:
         return self.mean_attention_per_step(steps, layers).mean(dim=0)
 
     def entropy(self, steps=None, layers=None) -> torch.Tensor:
-        """(n_steps, n_images): E_t = entropy of the mean distribution over layers, per step."""
-        return entropy_of(self.mean_attention_per_step(steps, layers))
+        """E_t = entropy of the mean distribution over layers: (n_images,) for one step given
+        as an int (``entropy(steps=0)``: one value per image), else (n_steps, n_images)."""
+        e = entropy_of(self.mean_attention_per_step(steps, layers))
+        return e[0] if isinstance(steps, int) else e
 
     def partial_entropy(
         self, steps=None, layers=None, start: torch.Tensor | Sequence[int] | None = None
     ) -> torch.Tensor:
-        """(n_steps, n_images): -sum_{j >= start_i} a_j ln a_j, not renormalized.
+        """-sum_{j >= start_i} a_j ln a_j, not renormalized: (n_images,) for one step given as
+        an int, else (n_steps, n_images).
 
         ``start`` per image defaults to L - 1 (the EOS position onward: EOS and summary tokens).
         """
@@ -207,4 +210,5 @@ class AttentionRecord:
         start_t = self.image_lengths() - 1 if start is None else torch.as_tensor(start)
         pos = torch.arange(a.shape[-1])
         keep = (pos[None, :] >= start_t.to(torch.int64)[:, None]).to(a.device)
-        return entropy_of(torch.where(keep[None], a, torch.zeros_like(a)))
+        e = entropy_of(torch.where(keep[None], a, torch.zeros_like(a)))
+        return e[0] if isinstance(steps, int) else e

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,12 +198,15 @@ def run_scan(
         if noise.describe() is not None:
             base["noise"] = noise.describe()
 
-        def process(ids: list[int], prompts: list[str], seeds: list[int]) -> list:
-            kw = noise.kwargs(ids)
-            return detector.score_batch(prompts, None if kw else seeds, **kw)
-
         def record(i: int, prompt: str, seed: int, result: Any, seconds: float) -> dict:
             return results.make_record(i, prompt, seed, base, result, seconds)
+
+        def process(ids: list[int], prompts: list[str], seeds: list[int]) -> list[Any]:
+            # Truncation is recorded per prompt and counted at the end, not warned per batch.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"attnmem: prompts .* truncated")
+                kw = noise.kwargs(ids)
+                return detector.score_batch(prompts, None if kw else seeds, **kw)
 
         return JobRun(
             base=base,

@@ -248,7 +248,7 @@ class EntropyFilter(SampleFilter):
         rec = self.handle.record
         if not rec.steps:
             raise RuntimeError("EntropyFilter: no statistics recorded; call the UNet forward first")
-        return rec.entropy(steps=rec.steps[-1], layers=self.layers)[0]
+        return rec.entropy(steps=rec.steps[-1], layers=self.layers)
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) float weights, 0 for dropped samples, for the last forward's batch."""

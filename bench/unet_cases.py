@@ -182,7 +182,7 @@ class Cases:
         with attnmem.patch(self.unet, record=RecordSpec(steps=(0,), layers=(3,))) as h:
             h.set_prompts(lengths=self.lengths, cfg=False)
             run_unet_until(h, 3, lambda: self.unet(self.x1, self.t, encoder_hidden_states=self.e1))
-            return h.record.entropy(steps=0, layers=3)[0]
+            return h.record.entropy(steps=0, layers=3)
 
     @torch.inference_mode()
     def official_stats(self):
@@ -226,7 +226,7 @@ class Cases:
             torch.testing.assert_close(rec.attn[0][name].float(), a, atol=1e-4, rtol=1e-3)
             torch.testing.assert_close(rec.mean_entropy[0][name].float(), e, atol=1e-3, rtol=1e-3)
         e_fast = self.e_early_exit()
-        e_cfg = rec.entropy(steps=0, layers=3)[0]
+        e_cfg = rec.entropy(steps=0, layers=3)
         torch.testing.assert_close(e_fast, e_cfg, atol=1e-4 if atol < 1e-2 else 1e-2, rtol=1e-3)
         mit = self.attnmem_mitigated()
         mit_o = self.official_mitigated()

@@ -21,6 +21,7 @@ A new detector subclasses :class:`Detector` (a dataclass: its fields are its opt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
@@ -219,8 +220,17 @@ class Detector:
     """A scorer of prompts on a diffusers pipeline; its dataclass fields are its options.
 
     Subclasses set ``name`` (the registry key, recorded with every result) and ``summary``
-    (one line for ``attnmem scan --help``) and implement :meth:`score_batch`.
+    (one line for ``attnmem scan --help``) and implement :meth:`score_batch`. Every subclass's
+    ``score_batch`` is wrapped (:meth:`__init_subclass__`) so that, whatever the detector, a
+    single string is one prompt (and a single int one seed), and every result says the
+    prompt's L and whether it was truncated (:meth:`prompt_lengths`) when the detector itself
+    did not.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "score_batch" in cls.__dict__:
+            cls.score_batch = _completed(cls.__dict__["score_batch"])
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -305,6 +315,39 @@ class Detector:
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
             raise ValueError("no prompts to score")
+
+    def prompt_lengths(self, prompts: Sequence[str]) -> tuple[list[int | None], list[bool | None]]:
+        """L and the truncation flag of each prompt as the pipeline's tokenizer encodes it
+        (docs/method.md §1), for every detector's results; Nones when the pipeline has no
+        CLIP-style tokenizer."""
+        from attnmem.tokenizer import encode_prompts
+
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
+            return [None] * len(prompts), [None] * len(prompts)
+        enc = encode_prompts(tokenizer, list(prompts))
+        return [int(L) for L in enc.lengths], list(enc.truncated)
+
+
+def _completed(score_batch: Any) -> Any:
+    """``score_batch`` with a single prompt string (and seed int) taken as one, and L and
+    truncation filled into results that lack them."""
+
+    @functools.wraps(score_batch)
+    def wrapper(self: Detector, prompts: Any, seeds: Any = None, **kwargs: Any) -> Any:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(seeds, int):
+            seeds = [seeds]
+        results = score_batch(self, prompts, seeds, **kwargs)
+        if any(r.get("truncated") is None for r in results):
+            for r, L, cut in zip(results, *self.prompt_lengths(prompts)):
+                if r.get("L") is None:
+                    r["L"] = L
+                if r.get("truncated") is None:
+                    r["truncated"] = cut
+        return results
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------

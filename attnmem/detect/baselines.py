@@ -81,7 +81,7 @@ class WenDetector(Detector):
         h = self.pipe.unet.register_forward_hook(hook)
         try:
             self.pipe(
-                list(prompts),
+                prompts,
                 num_images_per_prompt=self.n,
                 latents=x,
                 generator=gens,

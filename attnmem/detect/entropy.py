@@ -96,7 +96,7 @@ class EntropyE(Detector):
         latents: torch.Tensor | None = None,
     ) -> list[DetectionResult]:
         rec = self.record(prompts, seeds, generator=generator, latents=latents)
-        scores = rec.entropy(steps=0, layers=self.layer)[0]
+        scores = rec.entropy(steps=0, layers=self.layer)
         views = [token_view(rec, i, steps=0, layers=self.layer) for i in range(len(prompts))]
         return attention_results(rec, scores, views, forwards=1 if self.early_exit else 2)
 

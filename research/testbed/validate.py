@@ -126,7 +126,7 @@ def attention_part(pipe, mem, neg) -> dict:
         groups = {}
         for li, layer in enumerate(layers):
             a = torch.cat([r.mean_attention(steps=0, layers=layer) for r in per])  # (n, 77)
-            ent = torch.cat([r.entropy(steps=0, layers=layer)[0] for r in per])
+            ent = torch.cat([r.entropy(steps=0, layers=layer) for r in per])
             L = torch.cat([r.lengths for r in per])
             toks = sum((r.tokens for r in per), [])
             bos, attr, other, eos, summ = [], [], [], [], []
