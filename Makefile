@@ -45,6 +45,7 @@ demo: build
 bench: build
 	$(PY) -m bench.run_op_bench
 	$(PY) -m bench.run_unet_bench
+	$(PY) -m bench.detector_bench
 
 # Compiles the CUDA kernel against torch+CUDA (no GPU needed) and imports it.
 cuda-check:

@@ -260,7 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(with --labels), per-token attention of the top prompts and entropy over steps "
         "(metric D) as PNGs, one self-contained report.html and summary.json.",
     )
-    report.add_argument("results", type=Path, help="results file written by attnmem scan")
+    report.add_argument(
+        "results",
+        type=Path,
+        nargs="+",
+        help="results file written by attnmem scan; several (with --labels): detectors side by "
+        "side (compare.png: ROC curves on one plot, cost against AUROC; one report per file)",
+    )
     report.add_argument(
         "--labels",
         type=Path,
@@ -326,8 +332,21 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from attnmem.report import make_report
+    from attnmem.errors import ReportError
+    from attnmem.report import compare_reports, make_report
 
+    if len(args.results) > 1:
+        if args.labels is None:
+            raise ReportError("comparing several results files needs --labels")
+        cmp = compare_reports(args.results, args.out, labels=args.labels, top=args.top)
+        for d in cmp["detectors"]:
+            print(
+                f"{d['metric']:<12} AUROC {d['auroc']:.4f}  TPR@1% {d['tpr@1%']['nearest']:.2f}/"
+                f"{d['tpr@1%']['below']:.2f}  {d['seconds_per_prompt']:.3g} s/prompt  {d['results']}"
+            )
+        print(f"report: {args.out / 'compare.png'}")
+        return 0
+    (args.results,) = args.results
     rep = make_report(args.results, args.out, labels=args.labels, top=args.top)
     s = rep.summary
     ev = s["evaluation"]

@@ -41,7 +41,7 @@ import numpy as np
 
 from attnmem.errors import ReportError
 
-__all__ = ["ReportError", "Report", "make_report", "read_labels", "load_results"]
+__all__ = ["ReportError", "Report", "make_report", "compare_reports", "read_labels", "load_results"]
 
 _COLORS = {
     "bos": "#8c8c8c",
@@ -587,3 +587,71 @@ def _html(summary: dict[str, Any], pngs: list[Path]) -> str:
         parts.append("</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def compare_reports(
+    results: list[str | Path], out_dir: str | Path, labels: str | Path, top: int = 10
+) -> dict[str, Any]:
+    """Several detectors side by side: one report per results file (in ``out_dir/<stem>/``),
+    then ``compare.png`` (every ROC curve on one plot; cost per prompt against AUROC, cost as the
+    records' mean ``seconds`` and UNet passes) and ``compare.json``. Needs labels."""
+    from attnmem.evaluate import roc_curve
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for path in results:
+        path = Path(path)
+        rep = make_report(path, out_dir / path.stem, labels=labels, top=top)
+        ev = rep.summary["evaluation"]
+        if ev is None:
+            raise ReportError(f"{path}: no ROC (labels of a single class); cannot compare")
+        scored, _ = load_results(path)
+        label_of = read_labels(labels)
+        entries.append(
+            {
+                "results": str(path),
+                "metric": rep.summary["metric"],
+                "settings": rep.summary["settings"],
+                "auroc": ev["auroc"],
+                "tpr@1%": {k: ev["tpr_at_fpr"][k]["0.01"] for k in ("nearest", "below")},
+                "seconds_per_prompt": float(np.mean([r.get("seconds") or 0.0 for r in scored])),
+                "unet_passes_per_prompt": float(
+                    np.mean(
+                        [
+                            (r.get("forwards") or 0)
+                            + (r.get("jvps") or 0)
+                            + (r.get("backwards") or 0)
+                            for r in scored
+                        ]
+                    )
+                ),
+                "_scores": np.array([r["score"] for r in scored], float),
+                "_labels": np.array([label_of[r["id"]] for r in scored]),
+            }
+        )
+    fig = _figure(12.0, 4.8)
+    roc_ax, cost_ax = fig.subplots(1, 2)
+    roc_ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1)
+    for e in entries:
+        name = f"{e['metric']} ({Path(e['results']).stem})"
+        fpr, tpr, _ = roc_curve(e["_scores"], e["_labels"])
+        roc_ax.plot(fpr, tpr, lw=2, label=f"{name}: AUROC {e['auroc']:.3f}")
+        cost_ax.scatter(e["seconds_per_prompt"], e["auroc"], s=40)
+        cost_ax.annotate(_plain(name), (e["seconds_per_prompt"], e["auroc"]), fontsize=8)
+    roc_ax.set_xlabel("false-positive rate")
+    roc_ax.set_ylabel("true-positive rate")
+    roc_ax.set_title("ROC, every detector")
+    roc_ax.legend(loc="lower right", frameon=False, fontsize=8)
+    cost_ax.set_xscale("log")
+    cost_ax.set_xlabel("seconds per prompt (as recorded by the scans)")
+    cost_ax.set_ylabel("AUROC")
+    cost_ax.set_title("Cost against AUROC")
+    _save(fig, out_dir / "compare.png")
+    summary = {
+        "labels": str(labels),
+        "detectors": [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries],
+        "files": ["compare.png", "compare.json"],
+    }
+    (out_dir / "compare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

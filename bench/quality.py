@@ -5,6 +5,12 @@ research/testbed/validate.py).
 The header states which of the validation's verdicts (fixed before the results; see
 attnmem/data/testbed/README.md) the testbed meets, so the tables are read for what they are.
 Rerun research/testbed/validate.py after retraining, then `make bench`.
+
+The coupling with the validation file is this module only: :func:`detector_quality` and
+:func:`mitigation_quality` find a benchmark row's entry by key (:func:`validation_keys`: e.g.
+``wen_n4``, ``anisotropy_n1`` or ``anisotropy``; a mitigator by its spec string, Ren et al.'s as
+``g7.5_c1_<bos_scale>``) and accept an AUROC as a number or as ``[mean, lo, hi]``. A row whose
+key the validation lacks shows "–".
 """
 
 from __future__ import annotations
@@ -26,6 +32,74 @@ DETECTORS = [
 
 def _ci(v: list[float], digits: int = 3) -> str:
     return f"{v[0]:+.{digits}f} [{v[1]:+.{digits}f}, {v[2]:+.{digits}f}]"
+
+
+def _summary(path: Path = VALIDATION) -> dict | None:
+    return json.loads(path.read_text())["summary"] if path.exists() else None
+
+
+def _mean(v) -> float:
+    return float(v[0] if isinstance(v, (list, tuple)) else v)
+
+
+def validation_keys(metric: str, options: dict) -> list[str]:
+    """Keys under which the validation may hold a detector's numbers, most specific first."""
+    n = options.get("n")
+    keys = []
+    if metric == "wen" and options.get("end", 1) > 1:
+        keys.append(f"wen_n{n or 1}_steps{options['end']}")
+    elif n is not None:
+        keys.append(f"{metric}_n{n}")
+    if metric != "wen" or options.get("end", 1) == 1:
+        keys.append(metric)
+    return keys
+
+
+def detector_quality(metric: str, options: dict, path: Path = VALIDATION) -> dict | None:
+    """AUROC (``auroc``: mean; ``auroc_text``: with its interval when given) and TPR at 1 % FPR
+    under both conventions of the first matching validation entry, or None."""
+    s = _summary(path)
+    det = (s or {}).get("detection", {})
+    for key in validation_keys(metric, options):
+        if key in det:
+            d = det[key]
+            a = d["auroc"]
+            text = (
+                f"{a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]"
+                if isinstance(a, (list, tuple))
+                else f"{a:.3f}"
+            )
+            return {
+                "key": key,
+                "auroc": _mean(a),
+                "auroc_text": text,
+                "tpr_nearest": _mean(d["tpr@1%_nearest"]),
+                "tpr_below": _mean(d["tpr@1%_below"]),
+            }
+    return None
+
+
+def mitigation_quality(spec: str, guidance: float = 7.5, path: Path = VALIDATION) -> str | None:
+    """The validation's memorization-rate change and held-out similarity for a mitigator spec."""
+    s = _summary(path)
+    mit = (s or {}).get("mitigation", {})
+    key = spec
+    if spec.startswith("attention"):
+        from attnmem.mitigate import parse
+
+        key = f"g{guidance:g}_c1_{parse(spec).bos_scale:g}"
+    m = mit.get(key)
+    if not m or "mem_rate" not in m:
+        return None
+    base = mit.get(f"g{guidance:g}_none", {}).get("mem_rate")
+    rate = (
+        f"memorization {_mean(base):.2f} → {_mean(m['mem_rate']):.2f}"
+        if base
+        else f"memorization {_mean(m['mem_rate']):.2f}"
+    )
+    if "neg_corr_vs_plain" in m:
+        rate += f"; held-out r with unmitigated {_mean(m['neg_corr_vs_plain']):.2f}"
+    return rate
 
 
 def quality_lines(path: Path = VALIDATION) -> list[str]:
@@ -58,7 +132,7 @@ def quality_lines(path: Path = VALIDATION) -> list[str]:
         if key in det:
             d = det[key]
             lines.append(
-                f"| {name} | {d['auroc']:.3f} | {d['tpr@1%_nearest']:.3f} | {d['tpr@1%_below']:.3f} |"
+                f"| {name} | {_mean(d['auroc']):.3f} | {_mean(d['tpr@1%_nearest']):.3f} | {_mean(d['tpr@1%_below']):.3f} |"
             )
     lines += [
         "",

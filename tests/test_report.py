@@ -224,3 +224,39 @@ def test_report_errors(tmp_path, capsys):
     res = write(tmp_path / "r.jsonl", [dict(synth_records()[0], score=None, error="x")])
     with pytest.raises(ReportError, match="all failed"):
         make_report(res, tmp_path / "rep")
+
+
+def test_several_results_files_are_drawn_side_by_side(tmp_path):
+    from attnmem.report import compare_reports
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1\n0\n1\n0\n", encoding="utf-8")
+    files = []
+    for name, scores in (("a", [0.9, 0.1, 0.8, 0.2]), ("b", [0.1, 0.9, 0.6, 0.2])):
+        path = tmp_path / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for i, s in enumerate(scores):
+                rec = {
+                    "id": i,
+                    "prompt": f"p{i}",
+                    "seed": i,
+                    "metric": name,
+                    "settings": {},
+                    "model": "m",
+                    "dtype": "float32",
+                    "score": s,
+                    "forwards": 2,
+                    "jvps": 0,
+                    "backwards": 0,
+                    "seconds": 0.5 if name == "a" else 2.0,
+                    "error": None,
+                }
+                f.write(json.dumps(rec) + "\n")
+        files.append(path)
+    out = tmp_path / "cmp"
+    summary = compare_reports(files, out, labels)
+    aurocs = {d["metric"]: d["auroc"] for d in summary["detectors"]}
+    assert aurocs == {"a": 1.0, "b": 0.25}
+    assert summary["detectors"][1]["seconds_per_prompt"] == 2.0
+    assert (out / "compare.png").stat().st_size > 0 and (out / "a" / "report.html").exists()
+    assert cli.main(["report", str(files[0]), str(files[1]), "-o", str(out)]) == 1  # no labels

@@ -86,7 +86,7 @@ class PromptOptimization:
         embeds = [cond[p * n].detach().clone().unsqueeze(0).requires_grad_(True) for p in range(P)]
         opts = [torch.optim.AdamW([e], lr=self.lr, weight_decay=self.weight_decay) for e in embeds]
         report = [
-            {"iterations": 0, "updates": 0, "loss": [], "forwards": 2 * n, "backwards": 0}
+            {"iterations": 0, "updates": 0, "loss": [], "forwards": n, "backwards": 0}
             for _ in range(P)
         ]
         active = list(range(P))
