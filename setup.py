@@ -20,7 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 
 import torch
 from setuptools import setup
@@ -32,10 +31,17 @@ CUDA_HEADERS = ("cuda.h", "cuda_runtime_api.h", "cusparse.h", "cublas_v2.h", "cu
 
 def wheel_cuda_includes() -> list[str]:
     """Include folders of the nvidia-* wheels torch's CUDA build depends on (nvidia/cu13/include,
-    nvidia/<library>/include)."""
+    nvidia/<library>/include): wherever the ``nvidia`` namespace package is, and next to torch."""
+    roots = [os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")]
+    try:
+        import nvidia  # a namespace package spread over every site folder that has one
+
+        roots += list(nvidia.__path__)
+    except ImportError:
+        pass
     found = []
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        found += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    for root in dict.fromkeys(os.path.realpath(r) for r in roots):
+        found += sorted(glob.glob(os.path.join(root, "*", "include")))
     return [d for d in found if os.path.isdir(d)]
 
 
@@ -88,6 +94,17 @@ def _define(value: str) -> str:
     return re.sub(r"[\"'`$\\]", "", value)
 
 
+class Build(BuildExtension):
+    """torch's BuildExtension, saying once, when it compiles, why CUDA was left out."""
+
+    note = ""
+
+    def run(self):
+        if self.note:
+            print(self.note, file=sys.stderr)
+        super().run()
+
+
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
@@ -97,11 +114,10 @@ def extension():
         if os.environ.get("ATTNMEM_REQUIRE_CUDA", "0") == "1":
             sys.exit(f"attnmem: ATTNMEM_REQUIRE_CUDA=1 but the CUDA kernel cannot be built: {why}")
         if not requested and torch.version.cuda is not None:
-            print(
+            Build.note = (
                 f"attnmem: building the CPU kernel only: {why}. For the GPU kernel install the "
                 f"CUDA {torch.version.cuda} toolkit (or set CUDA_HOME to it) and reinstall; "
-                "ATTNMEM_REQUIRE_CUDA=1 makes this an error.",
-                file=sys.stderr,
+                "ATTNMEM_REQUIRE_CUDA=1 makes this an error."
             )
         cxx.append(f'-DATTNMEM_NO_CUDA_REASON="{_define(why)}"')
         return CppExtension(
@@ -122,5 +138,5 @@ def extension():
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )
