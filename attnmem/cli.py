@@ -15,8 +15,17 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["main", "build_parser", "common_parser", "int_in", "float_in"]
+__all__ = [
+    "main",
+    "build_parser",
+    "common_parser",
+    "add_loading_arguments",
+    "load_options",
+    "int_in",
+    "float_in",
+]
 
 _DESCRIPTION = """\
 Detect memorization in Stable Diffusion from cross-attention statistics (Ren et al., ECCV 2024).
@@ -99,6 +108,46 @@ MIN_SIZE, MAX_SIZE = 8, 4096  # pixels; the pipeline's VAE factor is checked onc
 MAX_SEED = 10**15  # generation seeds are 1000 * seed + j, and must fit torch's 64-bit seed
 
 _positive = int_in(1)
+
+
+def add_loading_arguments(p: argparse.ArgumentParser) -> None:
+    """diffusers' loading conventions (attnmem.pipelines.LoadOptions), for every command that
+    loads a model; :func:`load_options` reads them back."""
+    g = p.add_argument_group("loading the model (diffusers' conventions)")
+    g.add_argument("--variant", default=None, help="weight variant, e.g. fp16 (*.fp16.safetensors)")
+    g.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    g.add_argument(
+        "--local-files-only",
+        action="store_true",
+        help="never contact the hub: local folders and the hub cache only",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a LoRA adapter (file or folder) to load on the model (repeatable; needs peft): "
+        "does my fine-tune memorize?",
+    )
+    g.add_argument(
+        "--config",
+        default=None,
+        metavar="FOLDER_OR_ID",
+        help="for a single-file .safetensors --model: the diffusers folder or hub id of the same "
+        "architecture whose configs it uses (default: diffusers' choice, from the hub)",
+    )
+
+
+def load_options(args: argparse.Namespace) -> Any:
+    from attnmem.pipelines import LoadOptions
+
+    return LoadOptions(
+        variant=args.variant,
+        revision=args.revision,
+        local_files_only=args.local_files_only,
+        lora=tuple(args.lora),
+        config=args.config,
+    )
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -217,13 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(prompts, n, C, h, w) or (prompts x n, C, h, w), indexed by prompt id",
     )
     scan.add_argument(
-        "--device", default=d["device"], help="auto (CUDA when available), cpu, cuda, cuda:N"
+        "--device",
+        default=d["device"],
+        help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps",
     )
     scan.add_argument(
         "--dtype",
         choices=["auto", "fp32", "fp16", "bf16"],
         default=d["dtype"],
-        help="auto: fp16 on GPU, fp32 on CPU",
+        help="auto: fp16 on a GPU (CUDA, MPS), fp32 on CPU",
     )
     scan.add_argument(
         "--height",
@@ -250,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["encoding"],
         help=f"encoding of the prompt file ({d['encoding']}; a BOM is ignored)",
     )
+    add_loading_arguments(scan)
     scan.set_defaults(func=_scan)
 
     report = sub.add_parser(
@@ -300,11 +352,11 @@ def _ids(ids: list[int], n: int = 10) -> str:
 def _scan(args: argparse.Namespace) -> int:
     from attnmem.scan import ScanOptions, run_scan
 
-    # Every ScanOptions field but ``progress`` is an argument of the same name.
-    names = [f.name for f in dataclasses.fields(ScanOptions) if f.name != "progress"]
+    # Every ScanOptions field but ``progress`` and ``load`` is an argument of the same name.
+    names = [f.name for f in dataclasses.fields(ScanOptions) if f.name not in ("progress", "load")]
     values = {name: getattr(args, name) for name in names}
     values["options"] = dict(args.options)
-    opts = ScanOptions(**values, progress=not args.quiet)
+    opts = ScanOptions(**values, progress=not args.quiet, load=load_options(args))
     s = run_scan(opts)
     if s.rank != 0:
         return 1 if s.failed else 0

@@ -33,7 +33,7 @@ from attnmem.mitigate import Mitigation
 from attnmem.processor import AttnMemProcessor, Controller, EarlyExit, PromptBatch
 from attnmem.record import AttentionRecord, RecordSpec
 
-__all__ = ["patch", "PatchHandle", "PatchRemovedError", "run_unet_until"]
+__all__ = ["patch", "PatchHandle", "PatchRemovedError", "run_unet_until", "layer_names"]
 
 
 def _cross_attention_modules(unet: torch.nn.Module) -> dict[str, Any]:
@@ -46,6 +46,39 @@ def _cross_attention_modules(unet: torch.nn.Module) -> dict[str, Any]:
         and getattr(m, "is_cross_attention", False)
         and name.endswith("attn2")
     }
+
+
+_SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def layer_names(pipe_or_unet: Any) -> list[str]:
+    """Names of the cross-attention (attn2) modules in execution order (down, mid, up blocks,
+    each in index order), which is what a layer index means everywhere in attnmem (the
+    registration order puts mid_block last)."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    names = list(_cross_attention_modules(unet))
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(names, key=lambda n: (_SECTION_ORDER.get(n.split(".")[0], 3), order[n]))
+
+
+def check_layer(pipe_or_unet: Any, layer: str | int, option: str = "layer") -> None:
+    """ValueError naming the valid range (or some valid names) when ``layer`` is not a
+    cross-attention layer of this model: an index in execution order or a module name (or a
+    prefix of one, e.g. ``down_blocks.1.attentions.1``)."""
+    names = layer_names(pipe_or_unet)
+    if isinstance(layer, int):
+        if not -len(names) <= layer < len(names):
+            raise ValueError(
+                f"{option} {layer} is out of range: this model has {len(names)} cross-attention "
+                f"layers, so give an index in {-len(names)}..{len(names) - 1} or a module name "
+                f"such as {names[0].removesuffix('.transformer_blocks.0.attn2')}"
+            )
+    elif not any(n == layer or n.startswith(layer + ".") for n in names):
+        raise ValueError(
+            f"{option} {layer!r} names no cross-attention layer of this model; its "
+            f"{len(names)} layers are {names[0]} ... {names[-1]} (or give an index in "
+            f"{-len(names)}..{len(names) - 1})"
+        )
 
 
 def _caller_stacklevel() -> int:
@@ -309,6 +342,13 @@ def patch(
     modules = _cross_attention_modules(unet)
     if not modules:
         raise ValueError("attnmem.patch: this model has no cross-attention (attn2) modules")
+    for name, m in modules.items():
+        if hasattr(m.processor, "to_k_ip"):  # diffusers' IPAdapter*AttnProcessor classes
+            raise ValueError(
+                f"attnmem.patch: {name} runs an IP-Adapter processor "
+                f"({type(m.processor).__name__}); attnmem does not support IP-Adapter: call "
+                "pipe.unload_ip_adapter() first"
+            )
     controller = Controller(_as_record_spec(record), mitigate)
     originals = {name: m.processor for name, m in modules.items()}
     for name, m in modules.items():

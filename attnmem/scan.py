@@ -31,7 +31,14 @@ import torch
 from attnmem import detect, results
 from attnmem.errors import ScanError
 from attnmem.jobs import Job, JobRun, JobSummary, read_prompts, run_job
-from attnmem.pipelines import DEFAULT_MODEL, load_pipeline, resolve_device, resolve_dtype
+from attnmem.pipelines import (
+    DEFAULT_MODEL,
+    LoadOptions,
+    check_job_pipeline,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
 
 __all__ = ["ScanError", "ScanOptions", "read_prompts", "run_scan"]
 
@@ -60,6 +67,7 @@ class ScanOptions:
     limit: int | None = None
     encoding: str = "utf-8"
     progress: bool = True
+    load: LoadOptions = field(default_factory=LoadOptions)
     latents: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -180,7 +188,8 @@ def run_scan(
         device = resolve_device(opts.device, local_rank)
         dtype = resolve_dtype(opts.dtype, device)
         if pipe is None:
-            pipe = load_pipeline(opts.model, device, dtype)
+            pipe = load_pipeline(opts.model, device, dtype, opts.load)
+        check_job_pipeline(pipe, opts.model)
         try:
             detector = detect.make_detector(opts.metric, pipe, **_detector_options(opts))
         except ValueError as e:
@@ -197,6 +206,8 @@ def run_scan(
         }
         if noise.describe() is not None:
             base["noise"] = noise.describe()
+        if opts.load.describe() is not None:
+            base["load"] = opts.load.describe()
 
         def record(i: int, prompt: str, seed: int, result: Any, seconds: float) -> dict:
             return results.make_record(i, prompt, seed, base, result, seconds)

@@ -61,7 +61,7 @@ def loads(monkeypatch, shared_pipe):
     """Serve the module's pipeline instead of building one per scan; records the requests."""
     calls = []
 
-    def load(model, device, dtype):
+    def load(model, device, dtype, options=None):
         calls.append((model, str(device), str(dtype)))
         return shared_pipe
 

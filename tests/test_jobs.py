@@ -58,7 +58,9 @@ def shared_pipe():
 
 @pytest.fixture
 def loads(monkeypatch, shared_pipe):
-    monkeypatch.setattr(scan, "load_pipeline", lambda model, device, dtype: shared_pipe)
+    monkeypatch.setattr(
+        scan, "load_pipeline", lambda model, device, dtype, options=None: shared_pipe
+    )
 
 
 @pytest.fixture

@@ -33,11 +33,17 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def torchrun(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+# accelerate launch: its multi-process launcher is torchrun's, which sets the same variables.
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+ACCELERATE += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+ACCELERATE += ["--dynamo_backend", "no"]
+
+
+def torchrun(*argv: str, cwd: Path, cmd: list[str] = TORCHRUN) -> subprocess.CompletedProcess:
     # One thread per process, as torchrun's default: CPU matmuls may round differently with
     # another thread count, and the comparison below is exact.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     return subprocess.run(
         [*cmd, "-m", "attnmem", "scan", *argv],
         cwd=cwd,
@@ -78,6 +84,17 @@ def test_two_gloo_processes_match_one(tmp_path, reference):
     assert f"{N} prompt(s) scored" in res.stdout  # counted over both ranks
     assert without_timing(read(out)) == without_timing(ref)  # field by field, bit for bit
     assert not results.part_files(out)  # merged, parts removed
+
+
+@pytest.mark.slow
+def test_accelerate_launch_works_like_torchrun(tmp_path, reference):
+    pytest.importorskip("accelerate")  # a test dependency ([test] extra)
+    prompts, ref = reference
+    out = tmp_path / "results.jsonl"
+    res = torchrun(str(prompts), "--out", str(out), *ARGS, cwd=tmp_path, cmd=ACCELERATE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{N} prompt(s) scored" in res.stdout
+    assert without_timing(read(out)) == without_timing(ref)
 
 
 @pytest.mark.slow

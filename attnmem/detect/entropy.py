@@ -31,7 +31,7 @@ from attnmem.detect.base import (
     finished_record,
     token_view,
 )
-from attnmem.patching import patch, run_unet_until
+from attnmem.patching import check_layer, patch, run_unet_until
 from attnmem.record import AttentionRecord, RecordSpec
 
 __all__ = ["DEFAULT_E_LAYER", "EntropyE", "EntropyD", "d_score"]
@@ -55,6 +55,9 @@ class EntropyE(Detector):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "layer": self.layer, "early_exit": self.early_exit}
+
+    def __post_init__(self) -> None:
+        check_layer(self.pipe, self.layer)
 
     def unet_calls(self) -> int:
         return 1  # step 0 only
