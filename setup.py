@@ -7,23 +7,24 @@ Environment switches (all optional):
   TORCH_CUDA_ARCH_LIST    GPU architectures (default here: "8.0;9.0")
   MAX_JOBS                parallel compile jobs (ninja)
 
-The CUDA kernel is built when torch was built with CUDA (torch.version.cuda), a CUDA toolkit
-with nvcc of the same major version is found (CUDA_HOME, else nvcc on PATH) and the CUDA
-headers torch's own headers include are there: in the toolkit, or in the nvidia-* wheels that
-``pip install torch`` brings (site-packages/nvidia/*/include, added to the include path here).
-A GPU is not needed to compile it. When it cannot be built, the CPU kernel is built alone and
-one line says why and how to get the CUDA kernel; ``python -m attnmem.info`` repeats it.
+The CUDA kernel is built when torch was built with CUDA (torch.version.cuda) and a CUDA toolkit
+is found whose nvcc has torch's CUDA major version and which has libcudart (CUDA_HOME, CUDA_PATH,
+the nvcc on PATH, /usr/local/cuda: the first that fits), with the CUDA headers torch's own
+headers include: in the toolkit, or in the nvidia-* wheels that ``pip install torch`` brings
+(site-packages/nvidia/*/include, added to the include path here). A GPU is not needed to compile
+it. When it cannot be built, the CPU kernel is built alone and one line (shown by
+``pip install -v``) says why and how to get the CUDA kernel; ``python -m attnmem.info`` says it too.
 """
 
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 # Headers that torch's ATen/cuda/CUDAContext.h (included by the CUDA kernel) pulls in.
 CUDA_HEADERS = ("cuda.h", "cuda_runtime_api.h", "cusparse.h", "cublas_v2.h", "cusolverDn.h")
@@ -45,10 +46,22 @@ def wheel_cuda_includes() -> list[str]:
     return [d for d in found if os.path.isdir(d)]
 
 
-def nvcc_major(cuda_home: str) -> int | None:
+def toolkit_candidates() -> list[str]:
+    """CUDA toolkit roots to consider, in torch's order (CUDA_HOME, CUDA_PATH, the nvcc on PATH,
+    /usr/local/cuda). The nvcc on PATH may be a wrapper script in /usr/local/bin, whose "root"
+    /usr/local has no CUDA libraries: that is why every candidate is checked."""
+    found = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        found.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    found.append("/usr/local/cuda")
+    return list(dict.fromkeys(f for f in found if f))
+
+
+def nvcc_major(root: str) -> int | None:
     try:
         out = subprocess.run(
-            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            [os.path.join(root, "bin", "nvcc"), "--version"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -59,34 +72,46 @@ def nvcc_major(cuda_home: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def has_cudart(root: str) -> bool:
+    return any(os.path.exists(os.path.join(root, d, "libcudart.so")) for d in ("lib64", "lib"))
+
+
 def cuda_plan() -> tuple[list[str] | None, str]:
-    """(extra include folders, "") when the CUDA kernel can be built, else (None, why not)."""
+    """(extra include folders, "") when the CUDA kernel can be built, else (None, why not).
+    Sets CUDA_HOME to the toolkit it chose, for torch's build (which reads it at import)."""
     if os.environ.get("ATTNMEM_CPU_ONLY", "0") == "1":
         return None, "ATTNMEM_CPU_ONLY=1 is set"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} was built without CUDA"
-    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return (
-            None,
-            f"torch {torch.__version__} needs a CUDA {torch.version.cuda} toolkit (nvcc) and none was found",
-        )
-    major, want = nvcc_major(CUDA_HOME), int(torch.version.cuda.split(".")[0])
-    if major != want:
+    want = int(torch.version.cuda.split(".")[0])
+    roots = [r for r in toolkit_candidates() if os.path.exists(os.path.join(r, "bin", "nvcc"))]
+    if not roots:
+        return None, f"no CUDA toolkit (nvcc) was found for torch {torch.__version__}"
+    usable = [r for r in roots if nvcc_major(r) == want and has_cudart(r)]
+    if not usable:
+        seen = ", ".join(f"{r} (CUDA {nvcc_major(r)})" for r in roots)
         return None, (
-            f"nvcc in {CUDA_HOME} is CUDA {major}, torch {torch.__version__} was built with "
-            f"CUDA {torch.version.cuda}"
+            f"none of the CUDA toolkits {seen} is a CUDA {want} toolkit with nvcc and "
+            f"libcudart, as torch {torch.__version__} needs"
         )
+    cuda_home = usable[0]
     includes = wheel_cuda_includes()
-    folders = [os.path.join(CUDA_HOME, "include"), *includes]
+    folders = [os.path.join(cuda_home, "include"), *includes]
     missing = [
         h for h in CUDA_HEADERS if not any(os.path.isfile(os.path.join(d, h)) for d in folders)
     ]
     if missing:
         return None, (
-            f"the CUDA headers {', '.join(missing)} are in neither {CUDA_HOME}/include nor the "
+            f"the CUDA headers {', '.join(missing)} are in neither {cuda_home}/include nor the "
             "nvidia-* wheels"
         )
+    os.environ["CUDA_HOME"] = cuda_home
     return includes, ""
+
+
+INCLUDES, NO_CUDA = cuda_plan()
+# Imported after cuda_plan(), which chose CUDA_HOME: torch reads it when imported.
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _define(value: str) -> str:
@@ -108,7 +133,7 @@ class Build(BuildExtension):
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
-    includes, why = cuda_plan()
+    includes, why = INCLUDES, NO_CUDA
     if includes is None:
         requested = os.environ.get("ATTNMEM_CPU_ONLY", "0") == "1"
         if os.environ.get("ATTNMEM_REQUIRE_CUDA", "0") == "1":
