@@ -45,6 +45,14 @@ failed ones. A prompt that fails is recorded with its error and the scan goes on
 1 at the end). Under torchrun each process scores a share and rank 0 merges the result.
 """
 
+_GENERATE_DESCRIPTION = """\
+Generate every prompt of PROMPTS twice from the same starting noise (the seeds attnmem scan
+uses): once plainly, once with the mitigation. OUT/images/ID.png shows them side by side (one
+row per image, plain left, mitigated right); OUT/generate.jsonl holds one record per prompt
+with the image's path and how alike the pair is (pixel correlation pixel_r and RMS difference;
+no download needed). Resumable and shardable like attnmem scan (--resume, torchrun).
+"""
+
 _MODEL_HELP = (
     "a local diffusers pipeline folder or a hub id (loaded with use_safetensors=True and "
     "trust_remote_code=False), or a built-in name: testbed, tiny-sd1, tiny-sd2, tiny-sdxl. "
@@ -175,6 +183,74 @@ def _option(value: str) -> tuple[str, object]:
         return key.strip(), raw
 
 
+def _add_job_arguments(p: argparse.ArgumentParser, d: dict[str, Any], job: str) -> None:
+    """The arguments every job over a prompt file takes (scan, generate): model and loading,
+    batching, generation settings, resume; ``d`` holds the job's defaults."""
+    p.add_argument("--model", default=d["model"], help=_MODEL_HELP)
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=d["batch_size"],
+        help=f"prompts per batch ({d['batch_size']})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int_in(1, MAX_STEPS),
+        default=d["steps"],
+        help=f"num_inference_steps of the scheduler, 1-{MAX_STEPS} ({d['steps']})",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float_in(0.0, MAX_GUIDANCE),
+        default=d["guidance"],
+        help=f"guidance scale, 0-{MAX_GUIDANCE:g} ({d['guidance']}; <= 1: no guidance)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int_in(0, MAX_SEED),
+        default=d["seed"],
+        help=f"base seed: prompt id i uses SEED + i, its generation j the CPU generator "
+        f"seeded 1000 (SEED + i) + j ({d['seed']})",
+    )
+    p.add_argument(
+        "--device",
+        default=d["device"],
+        help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default=d["dtype"],
+        help="auto: fp16 on a GPU (CUDA, MPS), fp32 on CPU",
+    )
+    p.add_argument(
+        "--height",
+        type=int_in(MIN_SIZE, MAX_SIZE),
+        default=d["height"],
+        help=f"image height in pixels, {MIN_SIZE}-{MAX_SIZE} (model default)",
+    )
+    p.add_argument(
+        "--width",
+        type=int_in(MIN_SIZE, MAX_SIZE),
+        default=d["width"],
+        help=f"image width in pixels, {MIN_SIZE}-{MAX_SIZE} (model default)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue an interrupted {job} of OUT: skip finished ids, retry failed ones",
+    )
+    p.add_argument(
+        "--limit", type=_positive, default=d["limit"], help="only the first LIMIT prompts"
+    )
+    p.add_argument(
+        "--encoding",
+        default=d["encoding"],
+        help=f"encoding of the prompt file ({d['encoding']}; a BOM is ignored)",
+    )
+    add_loading_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnmem`` argument parser (also used to render ``--help`` in the docs)."""
     from attnmem import __version__
@@ -189,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"attnmem {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{scan,report,status}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{scan,generate,report,status}"
+    )
     common = common_parser()
 
     scan = sub.add_parser(
@@ -201,31 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("prompts", type=Path, metavar="PROMPTS", help="prompt file, one per line")
     scan.add_argument("--out", "-o", type=Path, required=True, help="results file (JSON lines)")
-    scan.add_argument("--model", default=d["model"], help=_MODEL_HELP)
     scan.add_argument(
         "--metric",
         choices=list(METRICS),
         default=d["metric"],
         help="; ".join(f"{name}: {cls.summary}" for name, cls in METRICS.items())
         + f" (default {d['metric']})",
-    )
-    scan.add_argument(
-        "--batch-size",
-        type=_positive,
-        default=d["batch_size"],
-        help=f"prompts per batch ({d['batch_size']})",
-    )
-    scan.add_argument(
-        "--steps",
-        type=int_in(1, MAX_STEPS),
-        default=d["steps"],
-        help=f"num_inference_steps of the scheduler, 1-{MAX_STEPS} ({d['steps']})",
-    )
-    scan.add_argument(
-        "--guidance",
-        type=float_in(0.0, MAX_GUIDANCE),
-        default=d["guidance"],
-        help=f"guidance scale, 0-{MAX_GUIDANCE:g} ({d['guidance']}; <= 1: no guidance)",
     )
     scan.add_argument(
         "--layer",
@@ -252,57 +311,42 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. --option end=50 for wen over all steps, --option gamma_cos=0.1 for anisotropy",
     )
     scan.add_argument(
-        "--seed",
-        type=int_in(0, MAX_SEED),
-        default=d["seed"],
-        help=f"base seed: prompt id i uses SEED + i, its generation j the CPU generator "
-        f"seeded 1000 (SEED + i) + j ({d['seed']})",
-    )
-    scan.add_argument(
         "--latents",
         type=Path,
         default=d["latents"],
         help="starting noise instead of the seeds: a torch.save file of one tensor "
         "(prompts, n, C, h, w) or (prompts x n, C, h, w), indexed by prompt id",
     )
-    scan.add_argument(
-        "--device",
-        default=d["device"],
-        help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps",
-    )
-    scan.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        default=d["dtype"],
-        help="auto: fp16 on a GPU (CUDA, MPS), fp32 on CPU",
-    )
-    scan.add_argument(
-        "--height",
-        type=int_in(MIN_SIZE, MAX_SIZE),
-        default=d["height"],
-        help=f"image height in pixels, {MIN_SIZE}-{MAX_SIZE} (model default)",
-    )
-    scan.add_argument(
-        "--width",
-        type=int_in(MIN_SIZE, MAX_SIZE),
-        default=d["width"],
-        help=f"image width in pixels, {MIN_SIZE}-{MAX_SIZE} (model default)",
-    )
-    scan.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted scan of OUT: skip scored ids, retry failed ones",
-    )
-    scan.add_argument(
-        "--limit", type=_positive, default=d["limit"], help="score only the first LIMIT prompts"
-    )
-    scan.add_argument(
-        "--encoding",
-        default=d["encoding"],
-        help=f"encoding of the prompt file ({d['encoding']}; a BOM is ignored)",
-    )
-    add_loading_arguments(scan)
+    _add_job_arguments(scan, d, "scan")
     scan.set_defaults(func=_scan)
+
+    from attnmem.generate import GenerateOptions
+
+    g = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}
+    gen = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="plain and mitigated images side by side, with their similarity",
+        description=_GENERATE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("prompts", type=Path, metavar="PROMPTS", help="prompt file, one per line")
+    gen.add_argument(
+        "--out", "-o", type=Path, required=True, help="output folder (images/ + generate.jsonl)"
+    )
+    gen.add_argument(
+        "--mitigate",
+        default=g["mitigate"],
+        metavar="SPEC",
+        help="the mitigation: bos_scale=C1[,mask=padding|padding+eos|none][,uncond=official|"
+        "unmasked] for Ren et al.'s (c1=C1 is accepted: the paper's name), or NAME[:key=value,"
+        f"...] with NAME one of attention, cfg-delay, prompt-opt (default {g['mitigate']})",
+    )
+    gen.add_argument(
+        "--n", type=int_in(1, 64), default=g["n"], help=f"images per prompt ({g['n']})"
+    )
+    _add_job_arguments(gen, g, "generate")
+    gen.set_defaults(func=_generate)
 
     report = sub.add_parser(
         "report",
@@ -329,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--out", type=Path, default=Path("report"), help="folder (report/)")
     report.add_argument(
         "--top", type=_positive, default=10, help="prompts in the ranked table (10)"
+    )
+    report.add_argument(
+        "--generated",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a folder written by attnmem generate: show the plain and mitigated images of the "
+        "top prompts it holds (matched by prompt text)",
     )
     report.set_defaults(func=_report)
 
@@ -383,6 +435,31 @@ def _scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from attnmem.generate import GenerateOptions, run_generate
+
+    names = [f.name for f in dataclasses.fields(GenerateOptions)]
+    values = {n: getattr(args, n) for n in names if n not in ("progress", "load")}
+    opts = GenerateOptions(**values, progress=not args.quiet, load=load_options(args))
+    s = run_generate(opts)
+    if s.rank != 0:
+        return 1 if s.failed else 0
+    rs = [r["pixel_r"] for r in s.records if r.get("pixel_r") is not None]
+    mean = f"; mean pixel correlation plain vs mitigated {sum(rs) / len(rs):.3f}" if rs else ""
+    print(
+        f"attnmem generate: {s.done} prompt(s) generated, {s.skipped} already done, "
+        f"{len(s.failed)} failed -> {opts.out}{mean}"
+    )
+    if s.failed:
+        print(
+            f"attnmem generate: failed ids: {_ids(s.failed)} (errors are in their records; "
+            "rerun with --resume to retry them)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from attnmem.errors import ReportError
     from attnmem.report import compare_reports, make_report
@@ -399,7 +476,9 @@ def _report(args: argparse.Namespace) -> int:
         print(f"report: {args.out / 'compare.png'}")
         return 0
     (args.results,) = args.results
-    rep = make_report(args.results, args.out, labels=args.labels, top=args.top)
+    rep = make_report(
+        args.results, args.out, labels=args.labels, top=args.top, generated=args.generated
+    )
     s = rep.summary
     ev = s["evaluation"]
     head = f"{s['n_scored']} prompts scored with metric {s['metric']} on {s['model']}"
@@ -412,10 +491,26 @@ def _report(args: argparse.Namespace) -> int:
         )
     if ev is not None:
         t = ev["tpr_at_fpr"]
-        tprs = "  ".join(
-            f"{float(k) * 100:g}%: {t['nearest'][k]:.2f}/{t['below'][k]:.2f}" for k in t["nearest"]
+        fprs = "/".join(f"{float(k) * 100:g}%" for k in t["nearest"])
+        print(
+            f"AUROC {ev['auroc']:.4f} ({ev['n_pos']} memorized, {ev['n_neg']} not; ties count half)"
         )
-        print(f"AUROC {ev['auroc']:.4f}   TPR@FPR (nearest/below)  {tprs}")
+        for conv, how in (
+            ("nearest", "nearest ROC point (Ren et al.'s code)"),
+            ("below", "last ROC point with FPR strictly below (Wen et al.'s code)"),
+        ):
+            vals = "/".join(f"{t[conv][k]:.2f}" for k in t[conv])
+            print(f"TPR at {fprs} FPR, {how}: {vals}")
+        low = ev.get("fpr_below_resolution") or []
+        if low:
+            shown = ", ".join(f"{float(k) * 100:g}%" for k in low)
+            print(
+                f"warning: only {ev['n_neg']} non-memorized prompts, so the FPR moves in steps of "
+                f"{100 / ev['n_neg']:.3g}%: TPR at {shown} FPR can only count thresholds above "
+                "every negative; more negatives are needed to measure it"
+            )
+    elif s.get("evaluation_skipped"):
+        print(f"no AUROC: {s['evaluation_skipped']}")
     print()
     print(f"{'rank':>4}  {'id':>5}  {'score':>10}  {'label':<13}  prompt")
     for t in s["top"]:
@@ -431,6 +526,10 @@ def _status(args: argparse.Namespace) -> int:
     from attnmem import results
 
     out = args.out
+    if out.is_dir():  # attnmem generate's folder
+        from attnmem.generate import RESULTS_NAME
+
+        out = out / RESULTS_NAME
     holder = results.lock_holder(out)
     best = results.best_records([out, *results.part_files(out)])
     failed = sum(1 for r in best.values() if r.get("error") is not None)

@@ -103,6 +103,11 @@ def _label_value(raw: Any, where: str) -> int:
 
 def read_labels(path: str | Path) -> dict[int, int]:
     """id -> 0/1 from a labels file (formats in the module docstring)."""
+    return _read_labels(path)[0]
+
+
+def _read_labels(path: str | Path) -> tuple[dict[int, int], bool]:
+    """(id -> 0/1, whether the file is a plain list: one label per prompt, in order)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -114,10 +119,10 @@ def read_labels(path: str | Path) -> dict[int, int]:
         except json.JSONDecodeError as e:
             raise ReportError(f"{path}: not valid JSON ({e})") from None
         if isinstance(obj, list):
-            return {i: _label_value(v, f"{path}[{i}]") for i, v in enumerate(obj)}
+            return {i: _label_value(v, f"{path}[{i}]") for i, v in enumerate(obj)}, True
         if isinstance(obj, dict):
             try:
-                return {int(k): _label_value(v, f"{path}[{k!r}]") for k, v in obj.items()}
+                return {int(k): _label_value(v, f"{path}[{k!r}]") for k, v in obj.items()}, False
             except ValueError:
                 raise ReportError(f"{path}: JSON keys must be prompt ids (integers)") from None
         raise ReportError(f"{path}: JSON labels must be a list or an object")
@@ -132,14 +137,14 @@ def read_labels(path: str | Path) -> dict[int, int]:
         raise ReportError(f"{path}: no labels (the file is empty)")
     widths = {len(fields) for _, fields in rows}
     if widths == {1}:
-        return {k: _label_value(f[0], f"{path}, line {n}") for k, (n, f) in enumerate(rows)}
+        return {k: _label_value(f[0], f"{path}, line {n}") for k, (n, f) in enumerate(rows)}, True
     if widths == {2}:
         out = {}
         for n, (i, v) in rows:
             if not i.lstrip("-").isdigit():
                 raise ReportError(f"{path}, line {n}: the id must be an integer, got {i!r}")
             out[int(i)] = _label_value(v, f"{path}, line {n}")
-        return out
+        return out, False
     raise ReportError(
         f"{path}: every line must hold one label (0/1) or two fields (id, label); "
         f"found lines with {sorted(widths)} fields"
@@ -386,24 +391,62 @@ def _stats(s: np.ndarray) -> dict[str, float | int]:
     }
 
 
+def _generated(folder: Path) -> dict[str, dict[str, Any]]:
+    """prompt -> what ``attnmem generate`` made of it in ``folder`` (image path, similarity),
+    for the prompts whose image exists."""
+    from attnmem.generate import RESULTS_NAME
+    from attnmem.results import best_records
+
+    path = folder / RESULTS_NAME
+    if not path.is_file():
+        raise ReportError(f"--generated {folder}: no {RESULTS_NAME} (run attnmem generate first)")
+    out = {}
+    for rec in best_records([path]).values():
+        image = folder / str(rec.get("image") or "")
+        if rec.get("error") is None and rec.get("image") and image.is_file():
+            out[rec["prompt"]] = {
+                "image": str(image),
+                "pixel_r": rec.get("pixel_r"),
+                "rms": rec.get("rms"),
+                "mitigation": (rec.get("mitigation") or {}).get("spec"),
+            }
+    return out
+
+
 def make_report(
     results: str | Path,
     out_dir: str | Path = "report",
     labels: str | Path | None = None,
     top: int = 10,
+    generated: str | Path | None = None,
 ) -> Report:
-    """Write the plots, ``report.html`` and ``summary.json`` for a results file into ``out_dir``."""
+    """Write the plots, ``report.html`` and ``summary.json`` for a results file into ``out_dir``.
+
+    ``generated``: a folder written by ``attnmem generate``; the top prompts that it holds
+    (matched by prompt text) are shown with their plain and mitigated images."""
     results = Path(results)
-    out_dir = Path(out_dir)
     scored, failed = load_results(results)
     if not scored:
         raise ReportError(
             f"{results}: none of the {len(failed)} prompts has a score (all failed); first "
             f"error: {failed[0].get('error')}"
         )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"-o {out_dir} is a file; the report is a folder (PNGs, HTML, JSON)")
     label_of: dict[int, int] = {}
     if labels is not None:
-        all_labels = read_labels(labels)
+        all_labels, is_list = _read_labels(labels)
+        n_prompts = scored[0].get("n_prompts")
+        if n_prompts is not None:
+            beyond = sorted(i for i in all_labels if not 0 <= i < n_prompts)
+            if (is_list and len(all_labels) != n_prompts) or beyond:
+                what = f"{len(all_labels)} labels" if is_list else f"labels for ids {beyond[:5]}"
+                raise ReportError(
+                    f"{labels} has {what}, but the prompt file of these results has {n_prompts} "
+                    "prompts (non-blank lines): one label per non-blank prompt line, in order "
+                    "(a blank line in one file but not the other shifts every label after it)"
+                )
         missing = [r["id"] for r in scored if r["id"] not in all_labels]
         if missing:
             raise ReportError(
@@ -423,9 +466,15 @@ def make_report(
         from attnmem.evaluate import summarize
 
         evaluation = summarize(scores, y, _FPRS)
+        # With n negatives the FPR moves in steps of 1/n: a target below 1/n can only be met
+        # by a threshold above every negative, so that TPR rests on no false positive at all.
+        evaluation["fpr_below_resolution"] = [
+            f"{f:g}" for f in _FPRS if f < 1.0 / evaluation["n_neg"]
+        ]
     order = sorted(range(len(scored)), key=lambda k: (-scored[k]["score"], scored[k]["id"]))
     ranked = [scored[k] for k in order]
 
+    made = _generated(Path(generated)) if generated is not None else {}
     demo = _is_demo_model(model)
     title = f"attnmem scan of {results.name}: model {model}, metric {metric}, {len(scored)} prompts"
     if demo:
@@ -466,6 +515,7 @@ def make_report(
                 "truncated": r.get("truncated"),
                 "triggers": r.get("triggers") or [],
                 "prompt": r["prompt"],
+                "generated": made.get(r["prompt"]),
             }
             for k, r in enumerate(ranked[:top])
         ],
@@ -475,7 +525,11 @@ def make_report(
         "files": [p.name for p in pngs] + ["report.html", "summary.json"],
     }
     if y is not None and evaluation is None:
-        summary["evaluation_skipped"] = "the labels of the scored prompts hold a single class"
+        which = "memorized (1)" if y.all() else "not memorized (0)"
+        summary["evaluation_skipped"] = (
+            f"all {len(y)} scored prompts are labelled {which}; the ROC curve, AUROC and TPR "
+            "at FPR need both memorized and non-memorized prompts"
+        )
     summary_path = out_dir / "summary.json"
     summary_path.write_text(
         json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -546,6 +600,13 @@ def _html(summary: dict[str, Any], pngs: list[Path]) -> str:
             "(Ren et al.)</th><th>TPR, last point below (Wen et al.)</th></tr>"
             f"{rows}</table>"
         )
+        if ev.get("fpr_below_resolution"):
+            low = ", ".join(f"{float(k) * 100:g} %" for k in ev["fpr_below_resolution"])
+            parts.append(
+                f"<p class='warn'>Only {ev['n_neg']} non-memorized prompts: the FPR moves in "
+                f"steps of {100 / ev['n_neg']:.3g} %, so TPR at {low} FPR can only count "
+                "thresholds above every negative. More negatives are needed to measure it.</p>"
+            )
     elif summary.get("evaluation_skipped"):
         parts.append(f"<p>No ROC: {e(summary['evaluation_skipped'])}.</p>")
     else:
@@ -572,6 +633,23 @@ def _html(summary: dict[str, Any], pngs: list[Path]) -> str:
             "(purple). Memorized prompts move attention from BOS onto trigger tokens.</p>"
         )
         parts.append(img("tokens.png", "per-token attention of the top prompts"))
+    shown = [t for t in summary["top"] if t.get("generated")]
+    if shown:
+        parts.append("<h2>Generated images of the top prompts</h2>")
+        parts.append(
+            "<p>From <code>attnmem generate</code>: each row one image, plain (left) and "
+            "mitigated (right) from the same starting noise; pixel_r is their pixel "
+            "correlation (1 = unchanged).</p>"
+        )
+        for t in shown:
+            gen = t["generated"]
+            data = base64.b64encode(Path(gen["image"]).read_bytes()).decode("ascii")
+            parts.append(
+                f"<p>#{t['rank']} (id {t['id']}), mitigation <code>{e(str(gen['mitigation']))}"
+                f"</code>, pixel_r {num(gen['pixel_r'], 3)}, RMS {num(gen['rms'], 3)}: "
+                f"{e(t['prompt'])}<br><img alt='plain and mitigated images of prompt "
+                f"{t['id']}' src='data:image/png;base64,{data}'></p>"
+            )
     if "entropy_steps.png" in images:
         parts.append("<h2>Entropy over steps</h2>")
         parts.append(img("entropy_steps.png", "attention entropy over denoising steps"))

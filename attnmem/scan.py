@@ -199,6 +199,7 @@ def run_scan(
             detector.generations, len(read_prompts(opts.prompts, opts.encoding)), generator, lat
         )
         base = {
+            "n_prompts": len(read_prompts(opts.prompts, opts.encoding)),
             "metric": opts.metric,
             "settings": json.loads(results.dumps(detector.settings())),
             "model": opts.model,

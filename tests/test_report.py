@@ -86,7 +86,9 @@ def test_report_with_labels(tmp_path):
     summary = json.loads(rep.summary_json.read_text(encoding="utf-8"))
     scores = [r["score"] for r in recs]
     labels = [1] * 6 + [0] * 7
-    assert summary["evaluation"] == summarize(scores, labels)
+    ev = dict(summary["evaluation"])
+    assert ev.pop("fpr_below_resolution") == ["0.01", "0.03", "0.05", "0.1"]  # 7 negatives
+    assert ev == summarize(scores, labels)
     assert summary["evaluation"]["auroc"] == pytest.approx(auroc(scores, labels))
     assert set(summary["evaluation"]["tpr_at_fpr"]) == {"nearest", "below"}
     assert set(summary["evaluation"]["tpr_at_fpr"]["below"]) == {"0.01", "0.03", "0.05", "0.1"}
@@ -142,7 +144,10 @@ def test_single_class_labels_skip_the_roc(tmp_path):
     lab = tmp_path / "l.txt"
     lab.write_text("1\n" * 13, encoding="utf-8")
     rep = make_report(res, tmp_path / "rep", labels=lab)
-    assert rep.summary["evaluation"] is None and "single class" in rep.summary["evaluation_skipped"]
+    assert (
+        rep.summary["evaluation"] is None
+        and "need both memorized and non-memorized" in rep.summary["evaluation_skipped"]
+    )
     check_pngs(rep, {"scores.png", "tokens.png"})
 
 
@@ -260,3 +265,50 @@ def test_several_results_files_are_drawn_side_by_side(tmp_path):
     assert summary["detectors"][1]["seconds_per_prompt"] == 2.0
     assert (out / "compare.png").stat().st_size > 0 and (out / "a" / "report.html").exists()
     assert cli.main(["report", str(files[0]), str(files[1]), "-o", str(out)]) == 1  # no labels
+
+
+def test_report_into_a_file_is_refused_before_any_work(tmp_path, capsys):
+    res = write(tmp_path / "r.jsonl", synth_records())
+    target = tmp_path / "report.html"
+    target.write_text("", encoding="utf-8")
+    assert cli.main(["report", str(res), "-o", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert f"-o {target} is a file" in err and "Traceback" not in err
+
+
+def test_labels_whose_length_differs_from_the_prompts_are_an_error(tmp_path):
+    recs = [dict(r, n_prompts=13) for r in synth_records()]
+    res = write(tmp_path / "r.jsonl", recs)
+    longer = tmp_path / "l.txt"
+    longer.write_text("1\n" * 6 + "0\n" * 8, encoding="utf-8")  # 14 labels, 13 prompts
+    with pytest.raises(ReportError, match="has 14 labels, but the prompt file .* has 13 prompts"):
+        make_report(res, tmp_path / "rep", labels=longer)
+    beyond = tmp_path / "ids.txt"
+    beyond.write_text("".join(f"{i},{int(i < 6)}\n" for i in range(14)), encoding="utf-8")
+    with pytest.raises(ReportError, match=r"labels for ids \[13\]"):
+        make_report(res, tmp_path / "rep", labels=beyond)
+    assert make_report(res, tmp_path / "rep", labels=labels_file(tmp_path / "ok.txt")).summary[
+        "evaluation"
+    ]
+
+
+def test_cli_explains_the_tpr_conventions_and_warns_on_few_negatives(tmp_path, capsys):
+    res = write(tmp_path / "r.jsonl", synth_records())
+    lab, o = labels_file(tmp_path / "l.txt"), tmp_path / "o"
+    assert cli.main(["report", str(res), "--labels", str(lab), "-o", str(o)]) == 0
+    out = capsys.readouterr().out
+    assert "TPR at 1%/3%/5%/10% FPR, nearest ROC point (Ren et al.'s code):" in out
+    assert "last ROC point with FPR strictly below (Wen et al.'s code)" in out
+    assert "warning: only 7 non-memorized prompts, so the FPR moves in steps of 14.3%" in out
+    assert "TPR at 1%, 3%, 5%, 10% FPR can only count thresholds above every negative" in out
+    summary = json.loads((o / "summary.json").read_text(encoding="utf-8"))
+    assert summary["evaluation"]["fpr_below_resolution"] == ["0.01", "0.03", "0.05", "0.1"]
+
+
+def test_cli_says_why_there_is_no_auroc(tmp_path, capsys):
+    res = write(tmp_path / "r.jsonl", synth_records())
+    lab = tmp_path / "l.txt"
+    lab.write_text("0\n" * 13, encoding="utf-8")
+    assert cli.main(["report", str(res), "--labels", str(lab), "-o", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "no AUROC: all 13 scored prompts are labelled not memorized (0)" in out
