@@ -28,6 +28,7 @@ PROMPTS = [
 NON_BLANK = [p.strip() for p in PROMPTS if p.strip()]
 
 RECORD_KEYS = {
+    "n_prompts",
     "id",
     "prompt",
     "seed",
