@@ -28,6 +28,8 @@ _LAZY: dict[str, str] = {
     "AttentionRecord": "attnmem.record",
     "make_detector": "attnmem.detect",
     "METRICS": "attnmem.detect",
+    "Calibration": "attnmem.detect",
+    "calibrate": "attnmem.detect",
     "EntropyFilter": "attnmem.train",
     "WenFilter": "attnmem.train",
     "token_view": "attnmem.detect",

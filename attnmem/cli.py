@@ -32,6 +32,7 @@ Detect memorization in Stable Diffusion from cross-attention statistics (Ren et 
 
   attnmem scan PROMPTS.txt --model PATH_OR_ID --out results.jsonl
   attnmem report results.jsonl --labels labels.txt -o report/
+  attnmem calibrate PROMPTS.txt --labels labels.txt --model PATH_OR_ID --out calibration.json
 
 Several processes: torchrun --nproc-per-node N -m attnmem scan ... (same arguments).
 """
@@ -254,7 +255,7 @@ def _add_job_arguments(p: argparse.ArgumentParser, d: dict[str, Any], job: str) 
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnmem`` argument parser (also used to render ``--help`` in the docs)."""
     from attnmem import __version__
-    from attnmem.detect import METRICS
+    from attnmem.detect import CALIBRATION_FILE, METRICS
     from attnmem.scan import ScanOptions
 
     d = {f.name: f.default for f in dataclasses.fields(ScanOptions)}
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"attnmem {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{scan,generate,report,status}"
+        dest="command", required=True, metavar="{scan,generate,report,status,calibrate}"
     )
     common = common_parser()
 
@@ -291,7 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_layer,
         default=d["layer"],
         help="metric E: cross-attention layer, index in execution order or module name "
-        "(default 3: the 4th, down_blocks.1.attentions.1 on SD1.x)",
+        "(default: the layer of the model folder's calibration file if it has one, else 3: the "
+        "4th, down_blocks.1.attentions.1 on SD1.x)",
+    )
+    scan.add_argument(
+        "--calibration",
+        type=Path,
+        default=d["calibration"],
+        metavar="FILE",
+        help="metric E: read the layer chosen by `attnmem calibrate` from FILE (default: the "
+        f"model folder's {CALIBRATION_FILE} if it has one, e.g. the bundled testbed; "
+        "--layer overrides it)",
     )
     scan.add_argument(
         "--n",
@@ -394,6 +405,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("out", type=Path, metavar="OUT", help="the results file of the job")
     status.set_defaults(func=_status)
+
+    cal = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="choose metric E's layer for a model from labelled prompts",
+        description="Measure the AUROC of metric E (step 0) at every cross-attention layer on "
+        "labelled prompts and choose the layer with the largest AUROC (among the layers within "
+        "--tolerance of it, the earliest: the cheapest early exit). Writes a JSON file that "
+        "`attnmem scan --calibration` reads; a model folder holding it as "
+        f"{CALIBRATION_FILE} is scanned with it by default. Calibrate on prompts disjoint "
+        "from those you evaluate on: the chosen layer's AUROC here is optimistic.",
+    )
+    cal.add_argument("prompts", type=Path, metavar="PROMPTS", help="prompt file, one per line")
+    cal.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="1 = memorized, 0 = not, one per prompt (the formats of attnmem report)",
+    )
+    cal.add_argument("--out", "-o", type=Path, required=True, help="calibration file (JSON)")
+    cal.add_argument("--model", default=d["model"], help=_MODEL_HELP)
+    cal.add_argument(
+        "--steps",
+        type=int_in(1, MAX_STEPS),
+        default=d["steps"],
+        help=f"num_inference_steps; E reads its first step ({d['steps']})",
+    )
+    cal.add_argument(
+        "--seed",
+        type=int_in(0, MAX_SEED),
+        default=d["seed"],
+        help=f"base seed: prompt id i uses SEED + i, as in attnmem scan ({d['seed']})",
+    )
+    cal.add_argument("--batch-size", type=_positive, default=16, help="prompts per batch (16)")
+    cal.add_argument(
+        "--tolerance",
+        type=float_in(0.0, 1.0),
+        default=0.01,
+        help="layers within this AUROC of the best count as tied (0.01)",
+    )
+    cal.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:N, mps")
+    cal.add_argument(
+        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default=d["dtype"], help="auto"
+    )
+    add_loading_arguments(cal)
+    cal.set_defaults(func=_calibrate)
     return parser
 
 
@@ -402,7 +459,7 @@ def _ids(ids: list[int], n: int = 10) -> str:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from attnmem.scan import ScanOptions, run_scan
+    from attnmem.scan import ScanOptions, calibration_for, run_scan
 
     # Every ScanOptions field but ``progress`` and ``load`` is an argument of the same name.
     names = [f.name for f in dataclasses.fields(ScanOptions) if f.name not in ("progress", "load")]
@@ -412,6 +469,9 @@ def _scan(args: argparse.Namespace) -> int:
     s = run_scan(opts)
     if s.rank != 0:
         return 1 if s.failed else 0
+    calibration = calibration_for(opts)
+    if calibration is not None:
+        print(f"attnmem scan: metric E read the layer chosen in {calibration}")
     print(
         f"attnmem scan: {s.done} prompt(s) scored, {s.skipped} already done, "
         f"{len(s.failed)} failed -> {s.out}"
@@ -547,6 +607,42 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{out}: no such results file, and no job is writing it")
         return 1
     print(f"{out}: no job is running; {len(best)} prompts have a record, {failed} failed")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from attnmem.detect import calibrate
+    from attnmem.errors import CalibrationError
+    from attnmem.jobs import read_prompts
+    from attnmem.pipelines import load_pipeline, resolve_device, resolve_dtype
+    from attnmem.report import read_labels
+
+    prompts = read_prompts(args.prompts)
+    by_id = read_labels(args.labels)
+    if sorted(by_id) != list(range(len(prompts))):
+        missing = [i for i in range(len(prompts)) if i not in by_id]
+        raise CalibrationError(
+            f"{args.labels} has {len(by_id)} labels for {len(prompts)} prompts in {args.prompts}"
+            + (f" (no label for id {missing[0]})" if missing else "")
+        )
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.model, device, resolve_dtype(args.dtype, device), load_options(args))
+    cal = calibrate(
+        pipe,
+        prompts,
+        [by_id[i] for i in range(len(prompts))],
+        base_seed=args.seed,
+        num_inference_steps=args.steps,
+        batch_size=args.batch_size,
+        tolerance=args.tolerance,
+        model=args.model,
+        progress=not args.quiet,
+    )
+    print(f"{'#':>3}  {'AUROC':>6}  layer")
+    for i, (layer, a) in enumerate(cal.auroc.items()):
+        mark = "  <- chosen" if i == cal.layer_index else ""
+        print(f"{i:>3}  {a:6.3f}  {layer}{mark}")
+    print(f"{cal.n_memorized} memorized, {cal.n_normal} not; written to {cal.save(args.out)}")
     return 0
 
 

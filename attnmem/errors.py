@@ -8,6 +8,7 @@ Each is a problem the user can fix, and its message says what and where:
 - :class:`ResultsError`: a results file that is damaged or not written by ``attnmem scan``.
 - :class:`PipelineError`: a model that cannot be loaded, or a device / dtype it cannot use.
 - :class:`ReportError`: a report's inputs (no results, labels that do not fit).
+- :class:`CalibrationError`: a calibration's inputs or a damaged calibration file.
 - :class:`PatchRemovedError`: attnmem's processors were replaced after patching (attention
   slicing, xformers); also a ``RuntimeError``.
 
@@ -23,6 +24,7 @@ __all__ = [
     "ResultsError",
     "PipelineError",
     "ReportError",
+    "CalibrationError",
     "PatchRemovedError",
 ]
 
@@ -45,6 +47,10 @@ class PipelineError(AttnmemError):
 
 class ReportError(AttnmemError):
     """A problem with the report's inputs (missing file, labels that do not fit)."""
+
+
+class CalibrationError(AttnmemError):
+    """A calibration that cannot be made (labels) or read (file)."""
 
 
 class PatchRemovedError(AttnmemError, RuntimeError):

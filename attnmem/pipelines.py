@@ -39,6 +39,7 @@ __all__ = [
     "LoadOptions",
     "check_job_pipeline",
     "load_pipeline",
+    "model_calibration",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -203,6 +204,16 @@ def check_job_pipeline(pipe: Any, model: str) -> None:
             f"--model {model}: an IP-Adapter is loaded, which attnmem does not support; save "
             "the pipeline without it (pipe.unload_ip_adapter())"
         )
+
+
+def model_calibration(model: str) -> Path | None:
+    """The metric-E calibration file a model folder ships (``attnmem_calibration.json``, see
+    :mod:`attnmem.detect.calibration`), for a bundled name or a local folder; else None."""
+    from attnmem.detect.calibration import CALIBRATION_FILE
+
+    folder = BUNDLED_MODELS.get(model, Path(model).expanduser())
+    path = folder / CALIBRATION_FILE
+    return path if path.is_file() else None
 
 
 def _load_lora(pipe: Any, adapter: str, model: str) -> Any:

@@ -36,16 +36,19 @@ from attnmem.pipelines import (
     LoadOptions,
     check_job_pipeline,
     load_pipeline,
+    model_calibration,
     resolve_device,
     resolve_dtype,
 )
 
-__all__ = ["ScanError", "ScanOptions", "read_prompts", "run_scan"]
+__all__ = ["ScanError", "ScanOptions", "calibration_for", "read_prompts", "run_scan"]
 
 
 @dataclass
 class ScanOptions:
     """Everything ``attnmem scan`` takes. ``layer``/``n`` None = the metric's default;
+    ``calibration``: metric E's calibration file (:mod:`attnmem.detect.calibration`), None = the
+    model folder's own if it has one (see :func:`calibration_for`);
     ``latents``: a tensor file of starting noise per prompt id (module docstring);
     ``options``: further detector options by name (``--option KEY=VALUE``)."""
 
@@ -57,6 +60,7 @@ class ScanOptions:
     steps: int = 50
     guidance: float = 7.5
     layer: str | int | None = None
+    calibration: Path | None = None
     n: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -72,6 +76,20 @@ class ScanOptions:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def calibration_for(opts: ScanOptions) -> Path | None:
+    """The calibration file metric E reads its layer from: ``opts.calibration``, else (when no
+    ``layer`` is given) the model folder's :data:`~attnmem.detect.CALIBRATION_FILE`, if any.
+    A file given explicitly is read here, so a bad one fails before the model loads."""
+    if opts.calibration is not None:
+        if opts.metric != "E":
+            raise ScanError(f"--calibration is for metric E, not {opts.metric}")
+        detect.Calibration.load(opts.calibration)
+        return Path(opts.calibration)
+    if opts.metric == "E" and opts.layer is None:
+        return model_calibration(opts.model)
+    return None
+
+
 def _detector_options(opts: ScanOptions) -> dict[str, Any]:
     """Options for make_detector; None = the metric's default (it rejects what it cannot use)."""
     return {
@@ -81,6 +99,7 @@ def _detector_options(opts: ScanOptions) -> dict[str, Any]:
         "height": opts.height,
         "width": opts.width,
         "layer": opts.layer,
+        "calibration": calibration_for(opts),
         "n": opts.n,
     }
 
@@ -171,6 +190,7 @@ def run_scan(
     overrides ``opts.latents``). Under torchrun each process calls this; it starts and ends
     the process group itself.
     """
+    calibration_for(opts)  # a bad calibration file fails before the model loads
     job = Job(
         name="scan",
         prompts=opts.prompts,

@@ -7,6 +7,7 @@
 - :mod:`attnmem.detect.anisotropy`, :mod:`attnmem.detect.sharpness`, :mod:`attnmem.detect.nemo`:
   Asthana & Belagiannis (ICLR 2026), Jeon et al. (ICML 2025), Hintersdorf et al. (NeurIPS 2024),
   which call the UNet directly (:mod:`attnmem.detect.noise`);
+- :mod:`attnmem.detect.calibration`: a per-model choice of metric E's layer (:func:`calibrate`);
 - :mod:`attnmem.detect.registry`: :data:`METRICS` (name -> class) and :func:`make_detector`.
 
 Example::
@@ -27,6 +28,7 @@ from attnmem.detect.base import (
     top_triggers,
 )
 from attnmem.detect.baselines import CarliniDetector, WenDetector, tiled_l2
+from attnmem.detect.calibration import CALIBRATION_FILE, Calibration, calibrate, choose_layer
 from attnmem.detect.entropy import DEFAULT_E_LAYER, EntropyD, EntropyE, d_score
 from attnmem.detect.nemo import NemoDetector, ms_ssim
 from attnmem.detect.registry import METRICS, make_detector
@@ -53,6 +55,10 @@ __all__ = [
     "SharpnessDetector",
     "NemoDetector",
     "ms_ssim",
+    "CALIBRATION_FILE",
+    "Calibration",
+    "calibrate",
+    "choose_layer",
     "METRICS",
     "make_detector",
 ]

@@ -13,12 +13,14 @@ Higher = more likely memorized:
 
 E and D use one generation per prompt: generation 0 of its seed
 (:func:`attnmem.detect.base.generation_seed`), or the given ``generator`` / ``latents``.
+E's layer can come from a per-model calibration (:mod:`attnmem.detect.calibration`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +33,7 @@ from attnmem.detect.base import (
     finished_record,
     token_view,
 )
+from attnmem.detect.calibration import Calibration
 from attnmem.patching import check_layer, patch, run_unet_until
 from attnmem.record import AttentionRecord, RecordSpec
 
@@ -43,21 +46,37 @@ DEFAULT_E_LAYER = 3  # 4th cross-attention in execution order
 class EntropyE(Detector):
     """Metric E: first-step attention entropy of one layer (default: the 4th cross-attention).
 
-    With ``early_exit`` (default) the UNet runs on the conditional rows only and stops right
-    after the chosen layer; otherwise E is read off a normal CFG step of the full pipeline.
-    Both give the same score for the same seed."""
+    ``layer``: an index in execution order or a module name; ``calibration``: a
+    :class:`~attnmem.detect.calibration.Calibration` or the path of its JSON file, whose chosen
+    layer is then used (giving both is an error unless they name the same layer). With
+    ``early_exit`` (default) the UNet runs on the conditional rows only and stops right after
+    the chosen layer; otherwise E is read off a normal CFG step of the full pipeline. Both give
+    the same score for the same seed."""
 
     name: ClassVar[str] = "E"
     summary: ClassVar[str] = "first-step attention entropy of one layer (fast)"
 
-    layer: str | int = DEFAULT_E_LAYER
+    layer: str | int | None = None
     early_exit: bool = True
+    calibration: Calibration | str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.calibration is not None:
+            cal = self.calibration
+            if not isinstance(cal, Calibration):
+                cal = Calibration.load(cal)
+            if self.layer is not None and self.layer not in (cal.layer, cal.layer_index):
+                raise ValueError(
+                    f"layer={self.layer!r} contradicts the calibration's layer {cal.layer!r}; "
+                    "give one of them"
+                )
+            self.layer, self.calibration = cal.layer, cal
+        elif self.layer is None:
+            self.layer = DEFAULT_E_LAYER
+        check_layer(self.pipe, self.layer)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "layer": self.layer, "early_exit": self.early_exit}
-
-    def __post_init__(self) -> None:
-        check_layer(self.pipe, self.layer)
 
     def unet_calls(self) -> int:
         return 1  # step 0 only

@@ -37,7 +37,8 @@ def make_detector(name: str, pipe: Any, **options: Any) -> Detector:
 
     Options are the class's dataclass fields (None values are ignored, so a caller can pass
     every option it has): num_inference_steps, guidance_scale, height, width; E: layer,
-    early_exit; D: last; wen: start, end, n; carlini: n, tiles; anisotropy: n, gamma_norm,
+    early_exit, calibration (a :class:`~attnmem.detect.calibration.Calibration` or its file);
+    D: last; wen: start, end, n; carlini: n, tiles; anisotropy: n, gamma_norm,
     gamma_cos, step_high, step_low; sharpness: n, step; nemo: n, step, scales. Raises
     ValueError naming the options the metric does not take.
     """
