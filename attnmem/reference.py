@@ -13,6 +13,8 @@ Math per row (b, h, i), all in fp32 (fp64 for fp64 inputs):
     p    = softmax(s)                         (a fully masked row gives p = 0, not NaN)
     out_i     = sum_j p_j v_j
     entropy_i = -sum_j p_j ln p_j             (0 ln 0 = 0)
+    a NaN or infinite unmasked logit          -> the row's p (unmasked keys), out and entropy
+                                                 are NaN
 
 Statistics: prob_sum[b, h, j] = sum_i p_ij, ent_sum[b, h] = sum_i entropy_i,
 row_ent[b, h, i] = entropy_i. They are detached (not differentiable); ``out`` is.
@@ -74,6 +76,12 @@ def attention_probs(
     if key_mask is not None:
         km = key_mask.to(device=q.device, dtype=torch.bool)
         keep = km if keep is None else keep & km
+    # A NaN or infinite logit among a row's unmasked keys makes the whole row NaN (the
+    # kernels do the same; max() and exp() would otherwise treat it inconsistently).
+    bad = ~torch.isfinite(s)
+    if keep is not None:
+        bad = bad & keep[:, None, None, :]
+    bad_row = bad.any(dim=-1, keepdim=True)
     if keep is not None:
         s = torch.where(keep[:, None, None, :], s, torch.full_like(s, -math.inf))
     m = s.amax(dim=-1, keepdim=True)
@@ -81,6 +89,8 @@ def attention_probs(
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
     p = torch.where(denom > 0, e / denom.clamp_min(torch.finfo(mdt).tiny), torch.zeros_like(e))
+    nan_at = bad_row if keep is None else bad_row & keep[:, None, None, :]  # masked stay 0
+    p = torch.where(nan_at, torch.full_like(p, math.nan), p)
     return p, s
 
 
@@ -114,8 +124,8 @@ def cross_attention(
         with torch.no_grad():
             pd = p.detach()
             plogp = torch.where(
-                pd > 0, pd * torch.log(pd.clamp_min(torch.finfo(pd.dtype).tiny)), 0.0
-            )
+                pd == 0, 0.0, pd * torch.log(pd.clamp_min(torch.finfo(pd.dtype).tiny))
+            )  # a NaN row stays NaN
             ent = -plogp.sum(dim=-1)  # (B, H, Nq)
             if stats:
                 prob_sum = pd.sum(dim=2).float()

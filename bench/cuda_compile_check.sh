@@ -53,12 +53,10 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDA_HOME
 [ -x "$CUDA_HOME/bin/nvcc" ] || die "$CUDA_HOME/bin/nvcc not found"
-# torch's CUDA headers (cusparse.h, ...) come from the nvidia-* wheels, not the system toolkit.
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-for inc in "$SITE"/nvidia/cu13/include "$SITE"/nvidia/*/include; do
-  [ -d "$inc" ] && CPLUS_INCLUDE_PATH="${CPLUS_INCLUDE_PATH:+$CPLUS_INCLUDE_PATH:}$inc"
-done
-export CPLUS_INCLUDE_PATH
+# setup.py finds the CUDA headers torch needs (cusparse.h, ...) in the nvidia-* wheels itself,
+# and must build the CUDA kernel here or fail.
+export ATTNMEM_REQUIRE_CUDA=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 unset ATTNMEM_CPU_ONLY

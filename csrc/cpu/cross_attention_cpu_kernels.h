@@ -17,6 +17,10 @@
 // Numerical hazards: the max subtraction keeps exp's argument <= 0; exp's argument is clamped
 // to >= -87 so the vector exp never forms a denormal exponent (values below e^-87 ~ 1.6e-38
 // are far below fp32 resolution of a sum that contains e^0 = 1).
+// Non-finite input: a row with a NaN or infinite unmasked logit (a NaN or inf in q, or in an
+// unmasked key) gives NaN output, probabilities and entropy, like attnmem/reference.py: the sum
+// of (s_j - s_j) over the unmasked keys is 0 for finite logits and NaN otherwise, and is added
+// to the softmax denominator. (max() and the clamped exp would otherwise drop NaNs silently.)
 #pragma once
 
 #include <algorithm>
@@ -80,7 +84,11 @@ inline void row_block_generic(const RowBlock<acc_t>& a) {
     for (int64_t j = 0; j < a.kl; ++j) s[j] *= a.scale;
     s[0] *= a.bos;
     acc_t m = s[0];
-    for (int64_t j = 1; j < a.kl; ++j) m = std::max(m, s[j]);
+    acc_t nf = 0;  // 0 when every unmasked logit is finite, NaN otherwise (x - x)
+    for (int64_t j = 0; j < a.kl; ++j) {
+      m = std::max(m, s[j]);
+      nf += s[j] - s[j];
+    }
     acc_t l = 0, t = 0;
     for (int64_t j = 0; j < a.kl; ++j) {
       const acc_t x = s[j] - m;
@@ -89,6 +97,7 @@ inline void row_block_generic(const RowBlock<acc_t>& a) {
       t += e * x;
       s[j] = e;
     }
+    l += nf;  // a non-finite logit makes the whole row NaN, as in the reference
     const acc_t inv = acc_t(1) / l;
     a.ent[r] = std::log(l) - t * inv;
     for (int64_t j = 0; j < a.kl; ++j) {

@@ -93,15 +93,23 @@ inline void softmax_rows(float* S, int64_t Nkp, int64_t kl, float* psum, float* 
   const int64_t nvec = (kl + W - 1) / W;
   const auto tail = Vec::first_n(kl - W * (nvec - 1));
   const auto ninf = Vec::set1(-std::numeric_limits<float>::infinity());
-  typename Vec::reg vmax[R], m[R], vl[R], vt[R], inv[R];
+  typename Vec::reg vmax[R], vnf[R], m[R], vl[R], vt[R], inv[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) vmax[r] = ninf;
+  for (int r = 0; r < R; ++r) {
+    vmax[r] = ninf;
+    vnf[r] = Vec::zero();
+  }
   for (int64_t v = 0; v < nvec; ++v) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       auto x = Vec::load(S + r * Nkp + W * v);
-      if (v == nvec - 1) x = Vec::fill_outside(tail, x, ninf);
+      auto nf = Vec::sub(x, x);  // 0 for a finite logit, NaN otherwise (kernels.h)
+      if (v == nvec - 1) {
+        x = Vec::fill_outside(tail, x, ninf);
+        nf = Vec::zero_outside(tail, nf);
+      }
       vmax[r] = Vec::max(vmax[r], x);
+      vnf[r] = Vec::add(vnf[r], nf);
     }
   }
 #pragma GCC unroll 8
@@ -124,7 +132,7 @@ inline void softmax_rows(float* S, int64_t Nkp, int64_t kl, float* psum, float* 
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    const float l = Vec::hsum(vl[r]);
+    const float l = Vec::hsum(vl[r]) + Vec::hsum(vnf[r]);
     const float t = Vec::hsum(vt[r]);
     inv[r] = Vec::set1(1.0f / l);
     ent[r] = std::log(l) - t / l;
@@ -134,7 +142,8 @@ inline void softmax_rows(float* S, int64_t Nkp, int64_t kl, float* psum, float* 
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       float* s = S + r * Nkp + W * v;
-      const auto p = Vec::mul(Vec::load(s), inv[r]);
+      auto p = Vec::mul(Vec::load(s), inv[r]);
+      if (v == nvec - 1) p = Vec::zero_outside(tail, p);  // masked lanes: 0, even if inv is NaN
       Vec::store(s, p);
       acc = Vec::add(acc, p);
     }
