@@ -286,3 +286,24 @@ def test_out_of_range_options_are_refused_naming_the_range(tmp_path, option, val
         run("scan", tmp_path / "p.txt", "--out", tmp_path / "r.jsonl", option, value)
     assert exc.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_records_never_hold_non_standard_nan(tmp_path):
+    import math
+
+    import numpy as np
+
+    result = {"score": 1.0, "attention": [0.5, math.nan, math.inf], "forwards": 1}
+    result["entropy_steps"] = {"steps": [0], "entropy": np.array([np.nan])}
+    rec = results.make_record(0, "p", 0, {"metric": "E"}, result, 0.1)
+    line = results.dumps(rec)
+    assert "NaN" not in line and "Infinity" not in line
+
+    def strict(name):
+        raise ValueError(name)
+
+    parsed = json.loads(line, parse_constant=strict)  # a strict parser accepts it
+    assert parsed["attention"] == [0.5, None, None] and parsed["entropy_steps"]["entropy"] == [None]
+    bad = results.make_record(1, "p", 1, {}, dict(result, score=math.nan), 0.1)
+    assert bad["error"].startswith("the detector returned a non-finite score")
+    assert "NaN" not in results.dumps(bad)
