@@ -23,11 +23,18 @@
 
 namespace attnmem {
 std::vector<int64_t> cuda_head_dims();  // defined in cuda/cross_attention_cuda.cu
-}
+int64_t cuda_f32_max_head_dim();
+}  // namespace attnmem
 #endif
 
+// Set by setup.py: TORCH_CUDA_ARCH_LIST as given, and what nvcc built for it ("sm_80;sm_90;
+// compute_90": machine code per sm_XY, PTX per compute_XY), which attnmem/ops.py compares with
+// the device's compute capability.
 #ifndef ATTNMEM_CUDA_ARCH_LIST
 #define ATTNMEM_CUDA_ARCH_LIST ""
+#endif
+#ifndef ATTNMEM_CUDA_TARGETS
+#define ATTNMEM_CUDA_TARGETS ""
 #endif
 // Set by setup.py when it built the CPU kernel alone: why the CUDA kernel was not built.
 #ifndef ATTNMEM_NO_CUDA_REASON
@@ -56,12 +63,16 @@ pybind11::dict build_info() {
   info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." +
                          std::to_string((CUDA_VERSION % 1000) / 10);
   info["cuda_arch_list"] = std::string(ATTNMEM_CUDA_ARCH_LIST);
+  info["cuda_targets"] = std::string(ATTNMEM_CUDA_TARGETS);
   info["cuda_head_dims"] = attnmem::cuda_head_dims();
+  info["cuda_f32_max_head_dim"] = attnmem::cuda_f32_max_head_dim();
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();
   info["cuda_arch_list"] = std::string("");
+  info["cuda_targets"] = std::string("");
   info["cuda_head_dims"] = std::vector<int64_t>{};
+  info["cuda_f32_max_head_dim"] = 0;
   info["cuda_not_built"] = std::string(ATTNMEM_NO_CUDA_REASON);
 #endif
   return info;

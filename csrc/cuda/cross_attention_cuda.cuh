@@ -44,6 +44,9 @@
 //    contribute exact zeros, never 0 * garbage.
 #pragma once
 
+// First: under the host emulator (tests/cuda_emu) it brings the emulated CUDA built-ins.
+#include "cross_attention_cuda_ptx.cuh"  // cp.async / mma.sync wrappers: the emulator's seam
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -51,94 +54,15 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cross_attention_cuda_plan.h"  // constants, shared-memory layouts (host and device)
+
 namespace attnmem::cuda {
 
-constexpr int kMaxWarps = 4;      // warps per CTA (fewer when the chunk is small or smem is short)
-constexpr int kTileRows = 16;     // query rows per warp tile, tensor-core kernel (mma M = 16)
-constexpr int kTileRowsF32 = 8;   // query rows per warp tile, fp32 kernel
-constexpr int kF32MaxD = 160;     // fp32 kernel: 5 head-dim slots of 32 lanes
-constexpr int kF32KeySlots = 4;   // fp32 kernel: 4 key slots of 32 lanes (Nk <= 128)
 constexpr float kLn2 = 0.693147180559945309f;
 
-struct Params {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* out;                 // (B, Nq, H, D) contiguous, q's dtype
-  const int64_t* key_len;    // (B,) or nullptr
-  const float* bos_scale;    // (B,) or nullptr
-  float* slot_p;             // (B*H, nchunks, Nk) per-CTA probability sums, or nullptr (no stats)
-  float* slot_e;             // (B*H, nchunks) per-CTA entropy sums
-  float* row_ent;            // (B, H, Nq) or nullptr
-  int64_t qs[4], ks[4], vs[4];  // element strides
-  int B, Nq, H, Nk, D;
-  int tiles_per_cta;         // warp tiles per CTA (the chunk is tiles_per_cta * tile rows)
-  int nchunks;               // chunks per (b, h)
-  int nbuf;                  // mma kernel: 2 = prefetch the next Q tile (cp.async), 1 = no prefetch
-  float scale;               // mma kernel: scale * log2(e); fp32 kernel: scale
-  bool q_vec, k_vec, v_vec;  // 16-byte aligned rows with unit last stride (else element loads)
-};
-
 // ---------------------------------------------------------------------------------------------
-// Shared-memory layouts (host and device use the same formulas).
+// Shared-memory words and the tensor-core operand types
 // ---------------------------------------------------------------------------------------------
-// mma kernel, in order (every region is a multiple of 16 bytes):
-//   Ks  [NKP][KSTR]  16-bit  K rows, zero-padded: keys >= Nk and dims D..DK-1
-//   Vt  [D][VSTR]    16-bit  V transposed (PV's B operand reads two consecutive keys per lane)
-//   Qb  [W][nbuf][16][KSTR]  16-bit  per-warp Q tiles; the current one is reused to stage `out`
-//   red_p [W][NKP]   fp32    per-warp probability sums
-//   red_e [W]        fp32    per-warp entropy sums
-// Row strides are padded by 8 halves: KSTR/2 and VSTR/2 (in 32-bit words) are then 4 mod 8, so
-// the fragment loads (8 rows x 4 consecutive words per instruction) hit 32 distinct banks.
-template <int D, int NKT>
-struct MmaLayout {
-  static constexpr int DK = (D + 15) / 16 * 16;
-  static constexpr int KSTR = DK + 8;
-  static constexpr int NKP = NKT * 16;
-  static constexpr int VSTR = NKP + 8;
-  static constexpr size_t ks_elems = size_t(NKP) * KSTR;
-  static constexpr size_t vt_elems = size_t(D) * VSTR;
-  static constexpr size_t qtile_elems = size_t(kTileRows) * KSTR;
-  static constexpr size_t bytes(int W, int nbuf) {
-    return (ks_elems + vt_elems + size_t(W) * nbuf * qtile_elems) * 2 + size_t(W) * NKP * 4 +
-           ((size_t(W) * 4 + 15) / 16) * 16;
-  }
-};
-
-// fp32 kernel: Ks [NK32][KSTR] (NK32 = roundup(Nk, 32), KSTR odd so 32 lanes reading 32 keys at
-// one d hit 32 banks), Qs [W][8][D], red_p [W][128], red_e [W].
-struct F32Layout {
-  int nk32, kstr;
-  __host__ __device__ F32Layout(int Nk, int D)
-      : nk32((Nk + 31) / 32 * 32), kstr(D % 2 == 0 ? D + 1 : D) {}
-  __host__ __device__ size_t ks_floats() const { return size_t(nk32) * kstr; }
-  __host__ __device__ size_t bytes(int W, int D) const {
-    return (ks_floats() + size_t(W) * kTileRowsF32 * D + size_t(W) * 32 * kF32KeySlots + W) * 4;
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// PTX wrappers (sm_80+)
-// ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy that bypasses L1; with pred false it writes 16 zero bytes and
-// reads nothing (src-size 0), which zero-fills rows past Nq.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(pred ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ uint32_t lds32(const uint16_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
@@ -146,14 +70,8 @@ __device__ __forceinline__ void sts32(uint16_t* p, uint32_t x) {
   *reinterpret_cast<uint32_t*>(p) = x;
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D(16x8) = A(16x16) B(16x8) + C, fp32 C/D.
-// Lane l of the warp, g = l / 4 ("group", 0..7), t = l % 4 ("thread in group", 0..3). Each
-// 32-bit A/B register holds two 16-bit values, the lower column/row index in the low half.
-//   A (row-major 16x16, M x K): a[0] = A[g    ][2t, 2t+1]     a[1] = A[g + 8][2t, 2t+1]
-//                               a[2] = A[g    ][2t+8, 2t+9]   a[3] = A[g + 8][2t+8, 2t+9]
-//   B ("col" 16x8, K x N):      b[0] = B[2t, 2t+1][g]         b[1] = B[2t+8, 2t+9][g]
-//   C/D (16x8 fp32):            c[0] = C[g][2t]  c[1] = C[g][2t+1]
-//                               c[2] = C[g+8][2t]  c[3] = C[g+8][2t+1]
+// mma.sync m16n8k16 fragments (the table is in cross_attention_cuda_ptx.cuh): lane l,
+// g = l / 4, t = l % 4; A rows g and g + 8, B column g, C/D rows g and g + 8, columns 2t, 2t+1.
 // Consequences used below:
 //  * S = Q K^T: A = Q tile (rows x dims), B[k=d][n=key] = K[key][d], so b[0] is the word at
 //    Ks[key = 8 nt + g][d = 16 ks + 2t] (two consecutive dims of one key row).
@@ -167,11 +85,7 @@ __device__ __forceinline__ void sts32(uint16_t* p, uint32_t x) {
 struct HalfOps {
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_f16(c, a, b0, b1);
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
@@ -184,11 +98,7 @@ struct HalfOps {
 struct BFloat16Ops {
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_bf16(c, a, b0, b1);
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
@@ -234,12 +144,18 @@ struct CtaWork {
     const int rest = bid / p.H;
     chunk = rest % p.nchunks;
     b = rest / p.nchunks;
+    // The Python wrapper raises a ValueError for these before any launch; a direct call of the
+    // raw op reaches the device asserts instead (never a silent wrong answer). The clamp keeps
+    // every read in bounds when device asserts are compiled out (TORCH_DISABLE_GPU_ASSERTS).
     kl = p.Nk;
-    if (p.key_len != nullptr) {  // values are validated by the wrapper; clamp so a bad one can't
-      const int64_t x = p.key_len[b];  // read out of bounds
+    if (p.key_len != nullptr) {
+      const int64_t x = p.key_len[b];
+      ATTNMEM_DEVICE_ASSERT(x >= 0 && x <= p.Nk,
+                            "cross_attention: key_len values must lie in [0, Nk]");
       kl = x < 0 ? 0 : (x > p.Nk ? p.Nk : static_cast<int>(x));
     }
     bos = p.bos_scale != nullptr ? p.bos_scale[b] : 1.0f;
+    ATTNMEM_DEVICE_ASSERT(isfinite(bos), "cross_attention: bos_scale must be finite");
     row_begin = chunk * p.tiles_per_cta * tile_rows;
     const int end = row_begin + p.tiles_per_cta * tile_rows;
     row_end = end < p.Nq ? end : p.Nq;
@@ -278,7 +194,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) mma_kernel(const Params p) {
   constexpr int ND = D / 8;    // n8 tiles of O; also 16-byte chunks per row
   static_assert(D % 8 == 0, "head dim must be a multiple of 8");
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ATTNMEM_DYNAMIC_SMEM(smem_raw);
   const int W = blockDim.x / 32;
   uint16_t* Ks = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* Vt = Ks + L::ks_elems;
@@ -541,7 +457,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) f32_kernel(const Params p) {
   constexpr int DC = kF32MaxD / 32;
   const int D = p.D;
   const F32Layout L(p.Nk, D);
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ATTNMEM_DYNAMIC_SMEM(smem_raw);
   const int W = blockDim.x / 32;
   float* Ks = reinterpret_cast<float*>(smem_raw);
   float* Qs = Ks + L.ks_floats();

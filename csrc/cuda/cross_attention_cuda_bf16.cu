@@ -1,0 +1,12 @@
+// The bf16 instantiations of the tensor-core kernel (every head dim x key class), in a file of
+// their own so that nvcc compiles them in parallel with the fp16 ones and the launcher.
+#include "cross_attention_cuda_launch.cuh"
+
+namespace attnmem::cuda {
+
+bool launch_mma_bf16(const Plan& plan, const Params& p, const LaunchTarget& t) {
+  MmaLaunch<BFloat16Ops> launch{plan, p, t};
+  return dispatch_mma(p.D, p.Nk, launch);
+}
+
+}  // namespace attnmem::cuda
