@@ -4,7 +4,8 @@ Environment switches (all optional):
   ATTNMEM_CPU_ONLY=1      never build the CUDA kernel
   ATTNMEM_REQUIRE_CUDA=1  fail the build when the CUDA kernel cannot be built (instead of
                           building the CPU kernel alone)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default here: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default here: "8.0;9.0+PTX": machine code for sm_80
+                          and sm_90, and sm_90 PTX that newer GPUs (10.x, 12.x) compile at load)
   MAX_JOBS                parallel compile jobs (ninja)
 
 The CUDA kernel is built when torch was built with CUDA (torch.version.cuda) and a CUDA toolkit
@@ -114,6 +115,19 @@ INCLUDES, NO_CUDA = cuda_plan()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def cuda_targets() -> str:
+    """What nvcc builds for TORCH_CUDA_ARCH_LIST, e.g. "sm_80;sm_90;compute_90" (machine code per
+    sm_XY, PTX per compute_XY), read from torch's own translation of the list into -gencode
+    flags, so that build_info() states exactly what the extension can run on."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    codes = {m for f in _get_cuda_arch_flags() for m in re.findall(r",code=(\w+)", f)}
+    return ";".join(sorted(codes, key=lambda c: (int(re.sub(r"\D", "", c)), c)))
+
+
 def _define(value: str) -> str:
     """A string fit for a -D value on the compiler command line (no quotes or shell specials)."""
     return re.sub(r"[\"'`$\\]", "", value)
@@ -148,9 +162,15 @@ def extension():
         return CppExtension(
             "attnmem._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
         )
-    arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
-    defs = ["-DATTNMEM_WITH_CUDA", f'-DATTNMEM_CUDA_ARCH_LIST="{arch}"']
+    # No flag may contain a lowercase "arch": torch then assumes the -gencode flags are given
+    # and adds none.
+    defs = [
+        "-DATTNMEM_WITH_CUDA",
+        f'-DATTNMEM_CUDA_ARCH_LIST="{_define(arch)}"',
+        f'-DATTNMEM_CUDA_TARGETS="{cuda_targets()}"',
+    ]
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *defs]
     return CUDAExtension(
         "attnmem._C",

@@ -40,13 +40,29 @@ def build_info() -> dict[str, Any]:
 
 
 @functools.cache
-def cuda_head_dims() -> tuple[int, ...]:
-    """Head dims of the compiled CUDA kernel (empty without one). Fixed at build time, so read
-    once: the fast-path check runs on every attention call."""
+def _cuda_build() -> dict[str, Any]:
+    """build_info() of a module built with the CUDA kernel, else {}. Fixed at build time, so
+    read once: the fast-path check runs on every attention call."""
     if _C is None:
-        return ()
-    info = _C.build_info()
-    return tuple(info.get("cuda_head_dims", ())) if info.get("cuda", False) else ()
+        return {}
+    info = dict(_C.build_info())
+    return info if info.get("cuda", False) else {}
+
+
+def cuda_head_dims() -> tuple[int, ...]:
+    """Head dims of the compiled tensor-core (fp16/bf16) CUDA kernel (empty without one)."""
+    return tuple(_cuda_build().get("cuda_head_dims", ()))
+
+
+def cuda_f32_max_head_dim() -> int:
+    """The fp32 CUDA kernel takes every head dim up to this one (0 without a CUDA kernel)."""
+    return int(_cuda_build().get("cuda_f32_max_head_dim", 0))
+
+
+def cuda_targets() -> tuple[str, ...]:
+    """What the CUDA kernel was compiled to: "sm_XY" machine code and "compute_XY" PTX targets,
+    e.g. ("sm_80", "compute_90", "sm_90") (empty without a CUDA kernel)."""
+    return tuple(t for t in str(_cuda_build().get("cuda_targets", "")).split(";") if t)
 
 
 def cuda_not_built() -> str:

@@ -28,8 +28,11 @@ def report() -> str:
         )
         if info.get("cuda"):
             lines.append(
-                f"  CUDA kernel: yes (CUDA {info.get('cuda_version')}, archs {info.get('cuda_arch_list')}, "
-                f"head dims {list(info.get('cuda_head_dims', []))})"
+                f"  CUDA kernel: yes (CUDA {info.get('cuda_version')}, "
+                f"TORCH_CUDA_ARCH_LIST {info.get('cuda_arch_list')!r} -> "
+                f"{', '.join(_ext.cuda_targets())}; fp16/bf16 head dims "
+                f"{list(info.get('cuda_head_dims', []))}, fp32 head dims up to "
+                f"{info.get('cuda_f32_max_head_dim')})"
             )
         else:
             why = _ext.cuda_not_built()
@@ -42,6 +45,7 @@ def report() -> str:
         probes += [
             ("cuda", torch.float16, 40),
             ("cuda", torch.float16, 72),
+            ("cuda", torch.float32, 72),
             ("cuda", torch.float64, 64),
         ]
     lines.append("fast path for sample inputs (B=1, Nq=4, H=1, Nk=77):")

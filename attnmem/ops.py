@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -168,6 +169,59 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def cuda_target_runs_on(target: str, capability: tuple[int, int]) -> bool:
+    """Whether code nvcc built for ``target`` ("sm_90", "sm_90a", "sm_100f", "compute_90") loads
+    on a device of this compute capability. Machine code (sm_XY) runs on the same major version
+    at an equal or higher minor; "a" targets only on that exact version. PTX (compute_XY) runs
+    on that version and every newer one: the driver compiles it when the module loads."""
+    m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", target)
+    if m is None:
+        return False
+    kind, built, suffix = m[1], (int(m[2]), int(m[3])), m[4]
+    if suffix == "a":
+        return capability == built
+    if kind == "sm" or suffix == "f":
+        return capability[0] == built[0] and capability[1] >= built[1]
+    return capability >= built
+
+
+def cuda_kernel_reasons(
+    dtype: torch.dtype,
+    head_dim: int,
+    capability: tuple[int, int],
+    targets: tuple[str, ...],
+    head_dims: tuple[int, ...],
+    f32_max_head_dim: int,
+) -> list[str]:
+    """Why the compiled CUDA kernel would refuse this input on a device of ``capability``, given
+    what the extension was built with (``_ext.cuda_targets()``, ``cuda_head_dims()``,
+    ``cuda_f32_max_head_dim()``). Empty list: it runs."""
+    reasons = []
+    major, minor = capability
+    if dtype not in CUDA_DTYPES:
+        reasons.append(f"CUDA kernel takes float32/float16/bfloat16, got {dtype}")
+    elif dtype == torch.float32:
+        if not 1 <= head_dim <= f32_max_head_dim:
+            reasons.append(
+                f"CUDA kernel takes float32 head dims up to {f32_max_head_dim}, got D = {head_dim}"
+            )
+    elif head_dim not in head_dims:
+        reasons.append(
+            f"CUDA kernel takes {str(dtype).replace('torch.', '')} head dims {list(head_dims)}, "
+            f"got D = {head_dim}"
+        )
+    if major < 8:
+        reasons.append(f"CUDA kernel needs compute capability >= 8.0, device has {major}.{minor}")
+    elif not any(cuda_target_runs_on(t, capability) for t in targets):
+        reasons.append(
+            f"attnmem._C has no CUDA kernel image for compute capability {major}.{minor} (built "
+            f"for {', '.join(targets) or 'no target'}); rebuild with "
+            f'TORCH_CUDA_ARCH_LIST="{major}.{minor}", or with PTX of an older arch ("9.0+PTX")'
+        )
+    return reasons
+
+
 def fast_path_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[str]:
     """Why the compiled kernel would not run these inputs (empty list: it would)."""
     reasons: list[str] = []
@@ -187,16 +241,14 @@ def fast_path_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[st
                 "attnmem._C was built without the CUDA kernel" + (f" ({why})" if why else "")
             )
         else:
-            if q.dtype not in CUDA_DTYPES:
-                reasons.append(f"CUDA kernel takes float32/float16/bfloat16, got {q.dtype}")
-            major, minor = _capability(q.device.index)
-            if major < 8:
-                reasons.append(
-                    f"CUDA kernel needs compute capability >= 8.0, device has {major}.{minor}"
-                )
-            dims = _ext.cuda_head_dims()
-            if q.shape[-1] not in dims:
-                reasons.append(f"CUDA kernel takes head dims {list(dims)}, got D = {q.shape[-1]}")
+            reasons += cuda_kernel_reasons(
+                q.dtype,
+                q.shape[-1],
+                _capability(q.device.index),
+                _ext.cuda_targets(),
+                _ext.cuda_head_dims(),
+                _ext.cuda_f32_max_head_dim(),
+            )
     else:
         reasons.append(f"no compiled kernel for device type '{dev}'")
     return reasons
