@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')
 
-.PHONY: test lint pytest build venv bench clean cuda-check demo
+.PHONY: test lint pytest build venv bench clean cuda-check cuda-emu demo
 
 venv: $(VENV)/.deps
 
@@ -50,6 +50,12 @@ bench: build
 # Compiles the CUDA kernel against torch+CUDA (no GPU needed) and imports it.
 cuda-check:
 	bash bench/cuda_compile_check.sh
+
+# Runs the CUDA kernel's device code on the CPU under the host emulator (tests/cuda_emu): every
+# launch plan, the op's semantics against attnmem/reference.py, device asserts, mutation check.
+# Needs g++ (C++20) and the CUDA headers ($$CUDA_HOME/include, default /usr/local/cuda).
+cuda-emu: build
+	$(PY) -m pytest -q -m cuda_emu tests/cuda_emu
 
 clean:
 	rm -rf build *.egg-info attnmem/*.so $(VENV)/.built
