@@ -1,12 +1,18 @@
 """CUDA-only behaviour of attnmem::cross_attention (the device x dtype x shape matrix is in
 test_op.py): strided and misaligned inputs (vector vs element loads), key padding classes (80 vs
-128), masks and BOS rescale, multi-chunk statistics, determinism, empty statistics, streams.
+128), masks and BOS rescale, multi-chunk statistics, determinism, empty statistics, streams,
+the fp32 kernel's head dims, the raw op's device asserts, the shared-memory cap knob and
+concurrent launches.
 
 Shapes, layouts and the tolerance rule come from attnmem.testing (the one op-case table). Every
 test is skipped visibly without a GPU or without the compiled CUDA kernel.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -135,3 +141,80 @@ def test_cuda_side_stream_and_second_device_guard():
         got1 = op(q1, k1, v1, None, None, None, True, False)
         assert got1[0].device == q1.device
         torch.testing.assert_close(got1[0].cpu(), expect[0].cpu())
+
+
+@pytest.mark.parametrize("D", [8, 24, 72, 100, 152])
+def test_cuda_fp32_kernel_takes_any_head_dim(D):
+    import attnmem
+
+    q, k, v = qkv(2, 70, 2, D, 77, "fp32")
+    assert attnmem.fast_path_reasons(q) == []
+    key_len = torch.tensor([77, 20], device="cuda")
+    bos = torch.tensor([1.25, 0.8], device="cuda")
+    check(OpInputs(q, k, v, key_len, bos))
+
+
+BAD_VALUES = {  # key_len, bos_scale for a batch of 2 with Nk = 77, as Python source
+    "key_len-above-Nk": ("torch.tensor([78, 77], device='cuda')", "None"),
+    "key_len-negative": ("torch.tensor([-1, 77], device='cuda')", "None"),
+    "bos-nan": ("None", "torch.tensor([1.0, float('nan')], device='cuda')"),
+    "bos-inf": ("None", "torch.tensor([float('inf'), 1.0], device='cuda')"),
+}
+
+
+@pytest.mark.parametrize("dtype_name", ["fp16", "fp32"])
+@pytest.mark.parametrize("bad", list(BAD_VALUES))
+def test_cuda_raw_op_device_asserts_on_bad_values(bad, dtype_name):
+    """The raw op (no Python validation) stops at a device assert rather than clamping key_len
+    or returning NaN rows. A device assert poisons the CUDA context, so it runs in a child."""
+    key_len, bos = BAD_VALUES[bad]
+    code = f"""
+import torch, attnmem
+q, k, v = (torch.randn(2, n, 1, 64, device="cuda").to({DTYPE_NAMES[dtype_name]}) for n in (20, 77, 77))
+torch.ops.attnmem.cross_attention(q, k, v, {key_len}, {bos}, None, True, False)
+torch.cuda.synchronize()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "device-side assert" in r.stderr, r.stderr[-2000:]
+
+
+def test_cuda_smem_cap_knob_runs_the_smem_short_plans(monkeypatch):
+    """ATTNMEM_CUDA_SMEM_OPTIN_CAP=101376 (a 99 KB part) picks fewer warps / no prefetch for
+    D = 160 with 128 keys on an H100/H200; a cap no plan fits is refused by name."""
+    x = OpInputs(*qkv(2, 4000, 4, 160, 128, "fp16"))
+    monkeypatch.setenv("ATTNMEM_CUDA_SMEM_OPTIN_CAP", "101376")
+    check(x)
+    monkeypatch.setenv("ATTNMEM_CUDA_SMEM_OPTIN_CAP", "20000")
+    with pytest.raises(RuntimeError, match="shared memory per block, the device allows 20000"):
+        op(*x.raw_args(stats=True, row_entropy=False))
+    monkeypatch.setenv("ATTNMEM_CUDA_SMEM_OPTIN_CAP", "99k")
+    with pytest.raises(RuntimeError, match="must be a byte count"):
+        op(*x.raw_args(stats=True, row_entropy=False))
+
+
+def test_cuda_threads_launching_different_smem_sizes_do_not_race():
+    """The shared-memory attribute is set once per (device, kernel) to the largest size: host
+    threads launching one kernel with different plans never see an invalid argument (setting
+    it per launch to that launch's size let them race)."""
+    shapes = [(2, 4000, 8, 160, 128), (1, 16, 1, 160, 128), (2, 4000, 8, 40, 77), (1, 8, 1, 40, 77)]
+    inputs = [qkv(*s, "fp16") for s in shapes]
+    expect = [op(*x, None, None, None, True, False) for x in inputs]
+    torch.cuda.synchronize()  # the workers' streams read these
+    errors = []
+
+    def worker(i):
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for _ in range(50):
+                    got = op(*inputs[i], None, None, None, True, False)
+                torch.cuda.current_stream().synchronize()
+            assert torch.equal(got[0], expect[i][0]) and torch.equal(got[1], expect[i][1])
+        except Exception as e:  # raised in the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i % len(inputs),)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
