@@ -6,10 +6,13 @@
 # Uses the venv at ${ATTNMEM_CUDA_VENV:-/root/.cache/attnmem/venv-cuda} when it holds torch
 # 2.14.1, else creates it (torch 2.14.1 comes from local disk, ~2 min). Builds in a temporary
 # copy of the sources, so the in-tree CPU build is untouched. Fails loudly if the extension does
-# not compile, does not import, or imports without its CUDA kernel.
+# not compile, does not import, imports without its CUDA kernel, lacks the PTX of its newest
+# arch (so that newer GPUs can run it), or if the GPU check's PTX conformance program
+# (tests/cuda_emu/ptx_conformance.cu) does not compile.
 #
 # Environment: ATTNMEM_CUDA_VENV, CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST
-# (default "8.0;9.0"), MAX_JOBS (default 2), KEEP_BUILD=1 keeps the temporary build directory.
+# (default: setup.py's, "8.0;9.0+PTX"), MAX_JOBS (default 2), KEEP_BUILD=1 keeps the temporary
+# build directory.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,11 +60,10 @@ SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 # setup.py finds the CUDA headers torch needs (cusparse.h, ...) in the nvidia-* wheels itself,
 # and must build the CUDA kernel here or fail.
 export ATTNMEM_REQUIRE_CUDA=1
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 unset ATTNMEM_CPU_ONLY
 say "torch $("$PY" -c 'import torch; print(torch.__version__)'), $("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1)"
-say "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
+say "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-(setup.py default)} MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
 
 # ---- build in a temporary copy --------------------------------------------------------------
 BUILD="$(mktemp -d "${TMPDIR:-/tmp}/attnmem-cuda-check.XXXXXX")"
@@ -101,10 +103,32 @@ for r in rows:
 spill = [r for r in rows if r[3] > 0]
 print("spills to local memory:", "none" if not spill else f"{len(spill)} kernels (see LOCAL)")
 ' || say "cuobjdump output not parsed"
+  # The tensor-core kernels were built from the PTX wrappers, not the emulator's seam.
+  SASS="$("$OBJDUMP" -sass "$SO" 2>/dev/null)"
+  for insn in 'HMMA\.16816\.F32 ' 'HMMA\.16816\.F32\.BF16 ' 'LDGSTS'; do
+    grep -qE "$insn" <<<"$SASS" || die "no '$insn' instruction in the machine code of $SO"
+  done
+  say "machine code has the tensor-core mma (f16, bf16) and cp.async instructions"
+  # Newer GPUs (compute capability 10.x, 12.x) can only run the kernel from PTX.
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    "$OBJDUMP" -lptx "$SO" 2>/dev/null | grep -q "compute_90" ||
+      die "the default build has no compute_90 PTX (cuobjdump -lptx $SO)"
+    say "default build embeds compute_90 PTX"
+  fi
+else
+  say "no cuobjdump found: machine code and PTX not inspected"
 fi
+
+# ---- the GPU check's PTX conformance program compiles ---------------------------------------
+TORCH_INC="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')"
+"$CUDA_HOME/bin/nvcc" -std=c++17 -O2 -arch=sm_90 -I"$ROOT/csrc/cuda" -I"$ROOT/tests/cuda_emu" \
+  -I"$TORCH_INC" "$ROOT/tests/cuda_emu/ptx_conformance.cu" -o "$BUILD/ptx_conformance" ||
+  die "tests/cuda_emu/ptx_conformance.cu does not compile"
+say "tests/cuda_emu/ptx_conformance.cu compiles"
 
 # ---- import with the CUDA venv --------------------------------------------------------------
 (cd "$BUILD" && PYTHONPATH="$BUILD" "$PY" - <<'EOF') || die "import check"
+import os
 import torch
 import attnmem
 from attnmem import _ext
@@ -114,6 +138,14 @@ info = _ext.build_info()
 print("build_info:", info)
 assert info["cuda"], "attnmem._C was built without its CUDA kernel"
 assert list(info["cuda_head_dims"]), "cuda_head_dims is empty"
+assert info["cuda_f32_max_head_dim"] == 160, info
+assert _ext.cuda_targets(), "build_info has no CUDA targets"
+if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # setup.py's default
+    assert "compute_90" in _ext.cuda_targets(), _ext.cuda_targets()
+    # A Blackwell device would run the PTX; without it the wrapper would fall back.
+    assert not attnmem.ops.cuda_kernel_reasons(
+        torch.float16, 64, (10, 0), _ext.cuda_targets(), _ext.cuda_head_dims(), 160
+    )
 assert torch._C._dispatch_has_kernel_for_dispatch_key("attnmem::cross_attention", "CUDA"), \
     "no CUDA kernel registered for attnmem::cross_attention"
 assert torch._C._dispatch_has_kernel_for_dispatch_key("attnmem::cross_attention", "CPU")
