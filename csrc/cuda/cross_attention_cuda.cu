@@ -1,4 +1,4 @@
-// CUDA kernel of attnmem::cross_attention (SPEC §2): launcher, registration, head-dim list.
+// CUDA kernel of attnmem::cross_attention (docs/method.md §2): launcher and registration.
 //
 // Device code and its design (tiling, fragment layouts, numerical hazards) are in
 // cross_attention_cuda.cuh; the launch plan (kernel, chunk of query rows per CTA, warps, Q

@@ -1,4 +1,4 @@
-// Device code of the CUDA kernel of attnmem::cross_attention (SPEC §2).
+// Device code of the CUDA kernel of attnmem::cross_attention (docs/method.md §2).
 //
 // Math, per query row (b, h, i) with keys j < Nk (Nk <= 128):
 //   s_j = scale <q_i, k_j>            fp32 (tensor-core fp32 accumulate, or fp32 FMA)
@@ -444,6 +444,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) mma_kernel(const Params p) {
 #endif
 }
 
+// The kernels below are not templates, so the program must hold one definition of each: the
+// files that only instantiate the tensor-core kernel (cross_attention_cuda_f16.cu, _bf16.cu)
+// define ATTNMEM_CUDA_TENSOR_CORE_ONLY and leave them to the launcher's file.
+#ifndef ATTNMEM_CUDA_TENSOR_CORE_ONLY
+
 // ---------------------------------------------------------------------------------------------
 // fp32 kernel: exact fp32 math on CUDA cores (no TF32), any D <= 160, Nk <= 128.
 // Lane layout: for S, lane owns keys lane + 32 c (c < 4); for O, lane owns dims lane + 32 c
@@ -613,5 +618,7 @@ __global__ void reduce_slots_kernel(const float* __restrict__ slot_p,
     ent_sum[bh] = acc;
   }
 }
+
+#endif  // ATTNMEM_CUDA_TENSOR_CORE_ONLY
 
 }  // namespace attnmem::cuda

@@ -1,5 +1,6 @@
 // The bf16 instantiations of the tensor-core kernel (every head dim x key class), in a file of
 // their own so that nvcc compiles them in parallel with the fp16 ones and the launcher.
+#define ATTNMEM_CUDA_TENSOR_CORE_ONLY  // the non-template kernels are in cross_attention_cuda.cu
 #include "cross_attention_cuda_launch.cuh"
 
 namespace attnmem::cuda {

@@ -7,6 +7,9 @@
 //                                   opt-ins, one line each (and checks the attribute bound)
 //   harness run CASES RESULTS       runs every case of CASES under 3 thread schedules, checks the
 //                                   runs are bit-identical, writes outputs and plans to RESULTS
+//   harness dims                    the tensor-core head dims and the fp32 kernel's largest D
+//   harness plan KERNEL B NQ H D NK OPTIN
+//                                   the launcher's plan for that shape (KERNEL fp16|bf16|fp32)
 //
 // Case file: a sequence of records, each: "ATTNCASE", then int64 fields (see read_case), then
 // the q, k, v storages, key_len (int64) and bos_scale (float32). Result file: per case
@@ -343,6 +346,23 @@ int main(int argc, char** argv) {
   const std::string cmd = argc > 1 ? argv[1] : "";
   if (cmd == "run" && argc == 4) return cmd_run(argv[2], argv[3]);
   if (cmd == "plans" && argc > 2) return cmd_plans(argc - 2, argv + 2);
-  std::fprintf(stderr, "usage: %s run CASES RESULTS | plans OPTIN...\n", argv[0]);
+  if (cmd == "plan" && argc == 9) {
+    const bool f32 = std::string(argv[2]) == "fp32";
+    int64_t v[6];
+    for (int i = 0; i < 6; ++i) v[i] = std::strtoll(argv[3 + i], nullptr, 10);
+    const Plan p = make_plan(f32, v[0], v[1], v[2], v[4], v[3], size_t(v[5]), true);
+    std::printf("tiles_per_cta %d nchunks %" PRId64 " warps %d nbuf %d smem %zu\n",
+                p.tiles_per_cta, p.nchunks, p.warps, p.nbuf, p.smem);
+    return 0;
+  }
+  if (cmd == "dims" && argc == 2) {
+#define CUDA_EMU_PRINT_DIM(d) std::printf("%d ", d);
+    ATTNMEM_CUDA_HEAD_DIMS(CUDA_EMU_PRINT_DIM)
+#undef CUDA_EMU_PRINT_DIM
+    std::printf("\n%d\n", kF32MaxD);
+    return 0;
+  }
+  std::fprintf(stderr, "usage: %s run CASES RESULTS | plans OPTIN... | plan ... | dims\n",
+               argv[0]);
   return 2;
 }

@@ -36,7 +36,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnmem import reference
+from attnmem.testing import (
+    DTYPE_NAMES,
+    LAYOUTS,
+    ODD_SHAPES,
+    SD_SHAPES,
+    TILING_SHAPES,
+    OpInputs,
+    compare,
+    make_masks,
+    make_qkv,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -52,7 +62,7 @@ OPTIN_227K = 232448  # sm_90, sm_100, sm_103
 DEVICE_OPTINS = (OPTIN_99K, OPTIN_163K, OPTIN_227K)
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-KERNEL_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+KERNELS = ("fp16", "bf16", "fp32")  # the tensor-core kernel's two dtypes, the fp32 kernel
 
 
 def _toolchain_problem() -> str | None:
@@ -104,19 +114,22 @@ def harness(tmp_path_factory) -> Path:
 
 @dataclass
 class Case:
-    """One call of the op: inputs as torch would hand them to the CUDA kernel."""
+    """One call of the raw op on the emulated device: the inputs as torch would hand them over,
+    the statistics switches, and the device to plan for."""
 
     name: str
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    key_len: torch.Tensor | None = None
-    bos: torch.Tensor | None = None
-    scale: float | None = None
+    x: OpInputs
     stats: bool = True
     row_entropy: bool = True
     optin: int = OPTIN_227K  # the device's shared-memory opt-in to plan with
     tpc: int = 0  # > 0: impose tiles_per_cta (reach the chunks of shapes too big to emulate)
+
+
+def case(name, B, Nq, H, D, Nk, kernel, *, layout="contiguous", mask="with-empty", seed=0, **kw):
+    """A Case from the op-case table's inputs (attnmem.testing.make_qkv / make_masks)."""
+    qkv = make_qkv(B, Nq, H, D, Nk, dtype=DTYPE_NAMES[kernel], layout=layout, seed=seed)
+    scale = kw.pop("scale", None)
+    return Case(name, OpInputs(*qkv, *make_masks(B, Nk, mask), scale), **kw)
 
 
 @dataclass
@@ -139,14 +152,15 @@ def _storage_bytes(t: torch.Tensor) -> bytes:
 
 
 def _encode(i: int, c: Case) -> bytes:
-    B, Nq, H, D = c.q.shape
-    Nk = c.k.shape[1]
-    scale = 1.0 / math.sqrt(D) if c.scale is None else c.scale
+    x = c.x
+    B, Nq, H, D = x.q.shape
+    Nk = x.k.shape[1]
+    scale = 1.0 / math.sqrt(D) if x.scale is None else x.scale  # the launcher's default
     head = struct.pack(
         "<8s13qd",
         b"ATTNCASE",
         i,
-        DTYPE_CODE[c.q.dtype],
+        DTYPE_CODE[x.q.dtype],
         B,
         Nq,
         H,
@@ -154,22 +168,22 @@ def _encode(i: int, c: Case) -> bytes:
         D,
         c.stats,
         c.row_entropy,
-        c.key_len is not None,
-        c.bos is not None,
+        x.key_len is not None,
+        x.bos_scale is not None,
         c.optin,
         c.tpc,
         scale,
     )
     blobs = []
-    for t in (c.q, c.k, c.v):
+    for t in x.qkv:
         blob = _storage_bytes(t)
         blobs.append(blob)
         head += struct.pack("<6q", len(blob), t.storage_offset(), *t.stride())
     tail = b""
-    if c.key_len is not None:
-        tail += c.key_len.numpy().astype("<i8").tobytes()
-    if c.bos is not None:
-        tail += c.bos.numpy().astype("<f4").tobytes()
+    if x.key_len is not None:
+        tail += x.key_len.numpy().astype("<i8").tobytes()
+    if x.bos_scale is not None:
+        tail += x.bos_scale.numpy().astype("<f4").tobytes()
     return head + b"".join(blobs) + tail
 
 
@@ -183,8 +197,8 @@ def _decode(data: bytes, cases: list[Case]) -> list[Result]:
         pos += 8 + 8 * len(fields)
         assert fields[0] == i
         plan = dict(zip(_PLAN_FIELDS, fields[2:]))
-        B, Nq, H, D = c.q.shape
-        Nk = c.k.shape[1]
+        B, Nq, H, D = c.x.q.shape
+        Nk = c.x.k.shape[1]
 
         def take(n, dtype):
             nonlocal pos
@@ -193,7 +207,7 @@ def _decode(data: bytes, cases: list[Case]) -> list[Result]:
             pos += nbytes
             return t
 
-        out = take(B * Nq * H * D, c.q.dtype).view(B, Nq, H, D)
+        out = take(B * Nq * H * D, c.x.q.dtype).view(B, Nq, H, D)
         ps = take(B * H * Nk, torch.float32).view(B, H, Nk) if c.stats else None
         es = take(B * H, torch.float32).view(B, H) if c.stats else None
         re = take(B * H * Nq, torch.float32).view(B, H, Nq) if c.row_entropy else None
@@ -223,98 +237,15 @@ def _stopped(proc, cases: list[Case]) -> str:
     return f"harness exit {proc.returncode} in case {where}: " + " | ".join(why[-5:])
 
 
-# ------------------------------------------------------------------------------------------
-# Inputs and the comparison with the reference
-# ------------------------------------------------------------------------------------------
-LAYOUTS = ("contiguous", "heads-major", "last-dim-strided", "misaligned", "expanded-kv")
-
-
-def make_qkv(B, Nq, H, D, Nk, dtype, layout="contiguous", seed=0, magnitude=1.0):
-    """q (B, Nq, H, D), k and v (B, Nk, H, D) with the strides a caller could hand over."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) * magnitude).to(dtype)
-
-    if layout == "contiguous":  # also what diffusers' view of (B, N, H*D) looks like
-        return rand(B, Nq, H, D), rand(B, Nk, H, D), rand(B, Nk, H, D)
-    if layout == "heads-major":  # a (B, H, N, D) buffer seen as (B, N, H, D)
-        return tuple(rand(B, H, n, D).transpose(1, 2) for n in (Nq, Nk, Nk))
-    if layout == "last-dim-strided":  # element loads: stride 2 on D
-        return tuple(rand(B, n, H, 2 * D)[..., ::2] for n in (Nq, Nk, Nk))
-    if layout == "misaligned":  # rows not 16-byte aligned: element loads
-        return tuple(rand(B * n * H * D + 1)[1:].view(B, n, H, D) for n in (Nq, Nk, Nk))
-    if layout == "expanded-kv":  # one prompt's keys for the whole batch (stride 0)
-        return (
-            rand(B, Nq, H, D),
-            rand(1, Nk, H, D).expand(B, -1, -1, -1),
-            rand(1, Nk, H, D).expand(B, -1, -1, -1),
-        )
-    raise ValueError(layout)
-
-
-def masks_for(B: int, Nk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """key_len cycling Nk, 0, partial, 1 and bos_scale 1.25, 0.5, 2.0, 1.0 over the batch."""
-    kl = [Nk, 0, min(17, Nk), 1]
-    bos = [1.25, 0.5, 2.0, 1.0]
-    return torch.tensor([kl[b % 4] for b in range(B)]), torch.tensor([bos[b % 4] for b in range(B)])
-
-
-def torch_own(q, k, v, key_len, bos, scale):
-    """The op's math in the inputs' own dtype: PyTorch's error is the half-precision yardstick."""
-    qh, kh, vh = (t.permute(0, 2, 1, 3) for t in (q, k, v))
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    if bos is not None:
-        s = torch.cat([s[..., :1] * bos.to(s.dtype)[:, None, None, None], s[..., 1:]], dim=-1)
-    if key_len is not None:
-        keep = torch.arange(k.shape[1])[None, :] < key_len[:, None]
-        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
-    p = s.softmax(-1).nan_to_num(0.0)
-    return (p @ vh).permute(0, 2, 1, 3)
-
-
 def mismatches(c: Case, r: Result) -> list[str]:
-    """Every way the emulated result differs from the reference; empty when it matches."""
-    bad = []
+    """Every way the emulated result differs from the reference (the project's tolerance rule,
+    attnmem.testing.compare) or from the contract's exact promises; empty when it matches."""
+    result = (r.out, r.prob_sum, r.ent_sum, r.row_ent)
+    bad = list(compare(result, c.x, row_entropy=c.row_entropy).problems)
     if not r.invariant:
         bad.append("bits differ between thread schedules")
-    D = c.q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if c.scale is None else c.scale
-    ref = reference.cross_attention(
-        c.q.double(),
-        c.k.double(),
-        c.v.double(),
-        key_len=c.key_len,
-        bos_scale=c.bos,
-        scale=scale,
-        stats=True,
-        row_entropy=True,
-    )
-    for name, t in (("out", r.out), ("prob_sum", r.prob_sum), ("ent_sum", r.ent_sum)):
-        if t is not None and not torch.isfinite(t.float()).all():
-            bad.append(f"{name} has non-finite values")
-    if bad:
-        return bad
-    err = (r.out.double() - ref[0]).abs().max().item()
-    if c.q.dtype == torch.float32:
-        lim = 2e-5 + 1e-5 * ref[0].abs().max().item()
-    else:
-        own = torch_own(c.q, c.k, c.v, c.key_len, c.bos, scale)
-        lim = 2 * (own.double() - ref[0]).abs().max().item() + 1e-6
-    if err > lim:
-        bad.append(f"out error {err:.3g} > {lim:.3g}")
-    nq = max(c.q.shape[1], 1)
-    if c.stats:
-        for name, got, want in (("prob_sum", r.prob_sum, ref[1]), ("ent_sum", r.ent_sum, ref[2])):
-            e = (got.double() / nq - want.double() / nq).abs().max().item()
-            if e > 1e-4 + 1e-5 * (want.double() / nq).abs().max().item():
-                bad.append(f"{name}/Nq error {e:.3g}")
-    if c.row_entropy:
-        e = (r.row_ent.double() - ref[3].double()).abs().max().item()
-        if e > 1e-3:
-            bad.append(f"row_ent error {e:.3g}")
-    if c.key_len is not None:
-        for b, kl in enumerate(c.key_len.tolist()):
+    if c.x.key_len is not None and not bad:
+        for b, kl in enumerate(c.x.key_len.tolist()):
             if kl == 0 and r.out[b].abs().max() != 0:
                 bad.append(f"batch {b} has key_len 0 but a non-zero output")
             if c.stats and r.prob_sum[b, :, kl:].abs().sum() != 0:
@@ -334,6 +265,19 @@ def check(exe: Path, cases: list[Case], work: Path, env: dict | None = None) -> 
         problems.append(_stopped(proc, cases))
     assert not problems, f"{len(problems)} of {len(cases)} cases fail:\n" + "\n".join(problems)
     return results
+
+
+@pytest.fixture(scope="session")
+def head_dims(harness) -> tuple[tuple[int, ...], int]:
+    """(tensor-core head dims, the fp32 kernel's largest D), as the harness was compiled."""
+    r = subprocess.run([str(harness), "dims"], capture_output=True, text=True, check=True)
+    dims, f32_max = r.stdout.splitlines()
+    return tuple(int(d) for d in dims.split()), int(f32_max)
+
+
+def runs(kernel: str, D: int, head_dims) -> bool:
+    dims, f32_max = head_dims
+    return 1 <= D <= f32_max if kernel == "fp32" else D in dims
 
 
 # ------------------------------------------------------------------------------------------
@@ -365,9 +309,9 @@ def launch_plans(exe: Path) -> list[PlanLine]:
 
 
 def result_key(c: Case, r: Result) -> tuple:
-    kernel = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[c.q.dtype]
+    kernel = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[c.x.q.dtype]
     p = r.plan
-    inst = (0, 0) if p["f32"] else (c.q.shape[-1], p["nkt"])
+    inst = (0, 0) if p["f32"] else (c.x.q.shape[-1], p["nkt"])
     return (kernel, *inst, p["tiles_per_cta"], p["warps"], p["nbuf"])
 
 
@@ -376,12 +320,11 @@ NK_FOR_CLASS = {5: (77, 80, 5, 33), 8: (128, 81, 97)}
 
 
 def plan_cases(plans: list[PlanLine]) -> list[Case]:
-    """Two cases per plan (16-byte vector loads and element loads of misaligned rows), each one
-    full chunk plus a chunk of one partial tile: several warps, the prefetch ring, a partial
+    """Two cases per plan (16-byte vector loads, and element loads of misaligned rows), each
+    one full chunk plus a chunk of one partial tile: several warps, the prefetch ring, a partial
     tile and the second stage of the statistics all run."""
     cases = []
     for i, p in enumerate(plans):
-        dtype = KERNEL_DTYPE[p.kernel]
         tile = 8 if p.kernel == "fp32" else 16
         D, Nk = p.D, p.Nk
         if p.kernel == "fp32" and p.warps == min(p.tpc, 4):  # the smem-rich plan: any D fits
@@ -391,21 +334,17 @@ def plan_cases(plans: list[PlanLine]) -> list[Case]:
             Nk = choices[i % len(choices)]
         Nq = p.tpc * tile + tile // 2 + 3
         for layout in ("contiguous", "misaligned"):
-            q, k, v = make_qkv(1, Nq, 1, D, Nk, dtype, layout, seed=i)
-            kl, bos = (
-                (torch.tensor([max(1, Nk - 3)]), torch.tensor([1.25])) if i % 2 else (None, None)
-            )
-            name = (
-                f"{p.kernel}-D{D}-Nk{Nk}-tpc{p.tpc}-W{p.warps}-nbuf{p.nbuf}-optin{p.optin}-{layout}"
-            )
-            cases.append(Case(name, q, k, v, kl, bos, optin=p.optin, tpc=p.tpc))
+            name = f"{p.kernel}-D{D}-Nk{Nk}-tpc{p.tpc}-W{p.warps}-nbuf{p.nbuf}-optin{p.optin}"
+            mask = "keylen+bos" if i % 2 else "none"
+            kw = dict(layout=layout, mask=mask, seed=i, optin=p.optin, tpc=p.tpc)
+            cases.append(case(f"{name}-{layout}", 1, Nq, 1, D, Nk, p.kernel, **kw))
     return cases
 
 
 def test_every_launch_plan_matches_reference(harness, tmp_path):
+    """Every plan the launcher can pick on an sm_80+ part (99, 163 and 227 KB opt-ins)."""
     plans = launch_plans(harness)
-    kernels = {p.kernel for p in plans}
-    assert kernels == {"fp16", "bf16", "fp32"} and len(plans) >= 100, plans
+    assert {p.kernel for p in plans} == set(KERNELS) and len(plans) >= 100, plans
     cases = plan_cases(plans)
     results = check(harness, cases, tmp_path)
     covered = {result_key(c, r) for c, r in zip(cases, results)}
@@ -417,69 +356,93 @@ def test_every_launch_plan_matches_reference(harness, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Semantics: masks, rescale, head dims, key classes, layouts, odd shapes
+# The op-case table's shapes, every head dim and key class, layouts, switches
 # ------------------------------------------------------------------------------------------
-MMA_DIMS = (40, 64, 80, 128, 160)
-SEMANTIC = [
-    *[(dt, D, Nk) for dt in ("fp16", "bf16") for D in MMA_DIMS for Nk in (77, 128)],
+def launcher_plan(exe: Path, kernel: str, B, Nq, H, D, Nk, optin=OPTIN_227K) -> dict:
+    """The plan the launcher picks for this shape (asked from the shared plan header)."""
+    args = [str(exe), "plan", kernel, *map(str, (B, Nq, H, D, Nk, optin))]
+    words = subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()
+    return {k: int(v) for k, v in zip(words[::2], words[1::2])}
+
+
+MAX_EMULATED_ROWS = 16384  # B * H * Nq beyond which one (b, h) stands for the whole shape
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", TILING_SHAPES, ids=lambda s: "B{}-Nq{}-H{}-D{}-Nk{}".format(*s))
+def test_tiling_shapes(harness, tmp_path, shape, kernel):
+    """The table's shapes for the launch plan, with the shape-chosen plan of a 227 KB part.
+    A CTA's work depends only on the plan, not on B and H: a shape too large to emulate runs
+    on one (b, h) with the full shape's chunking (the launcher's, from the harness)."""
+    B, Nq, H, D, Nk = shape
+    want = launcher_plan(harness, kernel, *shape)
+    if B * H * Nq > MAX_EMULATED_ROWS:
+        c = case("tiling-one-head", 1, Nq, 1, D, Nk, kernel, tpc=want["tiles_per_cta"])
+    else:
+        c = case("tiling", *shape, kernel)
+    (r,) = check(harness, [c], tmp_path)
+    assert {k: r.plan[k] for k in want} == want
+
+
+SHAPE_CASES = [(k, s) for s in SD_SHAPES + ODD_SHAPES for k in KERNELS]
+
+
+@pytest.mark.parametrize(
+    "kernel,shape", SHAPE_CASES, ids=[f"{k}-Nq{s[0]}-Nk{s[1]}-D{s[2]}" for k, s in SHAPE_CASES]
+)
+def test_sd_and_odd_shapes(harness, head_dims, tmp_path, kernel, shape):
+    """The table's SD1.x and odd shapes (one batch row and head: the emulator is slow). A head
+    dim without a tensor-core kernel must be refused by the launcher (the wrapper then runs
+    the reference)."""
+    Nq, Nk, D = shape
+    c = case("shape", 1, Nq, 1, D, Nk, kernel, mask="keylen+bos")
+    if runs(kernel, D, head_dims):
+        check(harness, [c], tmp_path)
+    else:
+        _, proc = run_cases(harness, [c], tmp_path)
+        assert proc.returncode == 3 and f"the launcher refuses D = {D}" in proc.stderr
+
+
+MATRIX = [
+    *[(k, D, Nk) for k in ("fp16", "bf16") for D in (40, 64, 80, 128, 160) for Nk in (77, 128)],
     *[("fp32", D, Nk) for D in (*F32_DIMS, 128, 152, 160) for Nk in (77, 128)],
 ]
 
 
-@pytest.mark.parametrize("dtype,D,Nk", SEMANTIC, ids=[f"{d}-D{D}-Nk{n}" for d, D, n in SEMANTIC])
-def test_masks_and_bos_rescale(harness, tmp_path, dtype, D, Nk):
-    """key_len Nk / 0 / 17 / 1 and bos_scale 1.25 / 0.5 / 2.0 / 1.0 over a batch of 4, two
-    heads, Nq not a multiple of the tile; the natural (shape-chosen) plan, several chunks."""
-    q, k, v = make_qkv(4, 37, 2, D, Nk, KERNEL_DTYPE[dtype], seed=D + Nk)
-    kl, bos = masks_for(4, Nk)
-    (r,) = check(harness, [Case(f"{dtype}-D{D}-Nk{Nk}", q, k, v, kl, bos)], tmp_path)
+@pytest.mark.parametrize("kernel,D,Nk", MATRIX, ids=[f"{k}-D{D}-Nk{n}" for k, D, n in MATRIX])
+def test_every_head_dim_and_key_class(harness, head_dims, tmp_path, kernel, D, Nk):
+    """key_len Nk / half / 0 / 1 with bos_scale 1.25 / 0.5 / 2.0 / 1.0 over a batch of 4, two
+    heads, Nq not a multiple of the tile, several chunks."""
+    assert runs(kernel, D, head_dims)
+    (r,) = check(harness, [case("matrix", 4, 37, 2, D, Nk, kernel, seed=D + Nk)], tmp_path)
     assert r.plan["nchunks"] > 1 and r.plan["second_stage"]
 
 
-@pytest.mark.parametrize("dtype", list(KERNEL_DTYPE))
+def test_the_matrix_has_every_head_dim(head_dims):
+    dims, f32_max = head_dims
+    assert {D for k, D, _ in MATRIX if k == "fp16"} == set(dims) and f32_max == 160
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layouts(harness, tmp_path, layout, dtype):
-    q, k, v = make_qkv(2, 45, 3, 40, 77, KERNEL_DTYPE[dtype], layout, seed=7)
-    kl, bos = masks_for(2, 77)
-    (r,) = check(harness, [Case(f"{layout}-{dtype}", q, k, v, kl, bos)], tmp_path)
-    vec = layout in ("contiguous", "heads-major", "expanded-kv")
+def test_layouts(harness, tmp_path, layout, kernel):
+    (r,) = check(harness, [case(f"{layout}", 2, 45, 3, 40, 77, kernel, layout=layout)], tmp_path)
+    vec = layout in ("contiguous", "fused-kv", "heads-major", "expanded-kv")
     assert (r.plan["q_vec"], r.plan["k_vec"], r.plan["v_vec"]) == (vec, vec, vec)
 
 
-ODD = [  # (dtype, B, Nq, H, D, Nk)
-    ("fp16", 3, 1, 2, 64, 1),  # one query, one key
-    ("bf16", 2, 300, 5, 64, 5),  # SD2 head count, five keys
-    ("fp16", 1, 33, 2, 80, 80),  # the last Nk of the 80-key class
-    ("bf16", 1, 16, 2, 128, 81),  # the first Nk of the 128-key class
-    ("fp32", 2, 97, 1, 8, 5),
-    ("fp32", 1, 7, 3, 160, 128),
-    ("fp16", 1, 1024, 1, 80, 77),  # SD1 level-1 shape: 64 chunks
-]
-
-
-@pytest.mark.parametrize(
-    "dtype,B,Nq,H,D,Nk", ODD, ids=[f"{o[0]}-B{o[1]}-Nq{o[2]}-H{o[3]}-D{o[4]}-Nk{o[5]}" for o in ODD]
-)
-def test_odd_shapes(harness, tmp_path, dtype, B, Nq, H, D, Nk):
-    q, k, v = make_qkv(B, Nq, H, D, Nk, KERNEL_DTYPE[dtype], seed=Nq)
-    check(harness, [Case("odd", q, k, v)], tmp_path)
-
-
-@pytest.mark.parametrize("dtype", list(KERNEL_DTYPE))
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("stats,row_entropy", [(False, True), (False, False), (True, False)])
-def test_statistics_switches(harness, tmp_path, dtype, stats, row_entropy):
-    q, k, v = make_qkv(2, 50, 2, 64, 77, KERNEL_DTYPE[dtype], seed=3)
-    kl, bos = masks_for(2, 77)
-    c = Case("switches", q, k, v, kl, bos, stats=stats, row_entropy=row_entropy)
+def test_statistics_switches(harness, tmp_path, kernel, stats, row_entropy):
+    c = case("switches", 2, 50, 2, 64, 77, kernel, stats=stats, row_entropy=row_entropy)
     (r,) = check(harness, [c], tmp_path)
     assert not r.plan["second_stage"] or stats
 
 
 def test_large_logits_stay_finite_in_fp16(harness, tmp_path):
     """SD2-768-like magnitudes: q.k exceeds fp16's range; the kernel's logits are fp32."""
-    q, k, v = make_qkv(1, 64, 2, 64, 77, torch.float16, seed=5, magnitude=40.0)
-    v = v / 40
-    check(harness, [Case("large-logits", q, k, v, scale=1.0)], tmp_path)
+    q, k, v = make_qkv(1, 64, 2, 64, 77, dtype=torch.float16, seed=5, magnitude=40.0)
+    check(harness, [Case("large-logits", OpInputs(q, k, v, scale=1.0))], tmp_path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -493,27 +456,25 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("kernel", ["fp16", "fp32"])
 @pytest.mark.parametrize("what,key_len,bos,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_device_asserts_on_bad_values(harness, tmp_path, dtype, what, key_len, bos, message):
+def test_device_asserts_on_bad_values(harness, tmp_path, kernel, what, key_len, bos, message):
     """The raw op never answers silently wrong: out-of-range key_len and non-finite bos_scale
     stop the kernel with a device assert (the Python wrapper raises ValueError before that)."""
-    q, k, v = make_qkv(2, 20, 1, 64, 77, KERNEL_DTYPE[dtype])
-    results, proc = run_cases(harness, [Case(what, q, k, v, key_len, bos)], tmp_path)
+    q, k, v = make_qkv(2, 20, 1, 64, 77, dtype=DTYPE_NAMES[kernel])
+    results, proc = run_cases(harness, [Case(what, OpInputs(q, k, v, key_len, bos))], tmp_path)
     assert proc.returncode == 4 and not results, proc.stderr
     assert f"EMU DEVICE ASSERT: cross_attention: {message}" in proc.stderr
 
 
 def test_smem_cap_knob_picks_the_smaller_parts_plan(harness, tmp_path):
     """ATTNMEM_CUDA_SMEM_OPTIN_CAP on a 227 KB device gives the plan of a 99 KB part."""
-    q, k, v = make_qkv(1, 280, 1, 160, 128, torch.float16, seed=11)
-    rich = Case("uncapped", q, k, v, optin=OPTIN_227K, tpc=16)
-    short = Case("99KB", q, k, v, optin=OPTIN_99K, tpc=16)
+    rich = case("uncapped", 1, 280, 1, 160, 128, "fp16", optin=OPTIN_227K, tpc=16)
+    short = Case("99KB", rich.x, optin=OPTIN_99K, tpc=16)
     (a,) = check(harness, [rich], tmp_path)
     (b,) = check(harness, [short], tmp_path)
-    (capped,) = check(
-        harness, [rich], tmp_path, env={"ATTNMEM_CUDA_SMEM_OPTIN_CAP": str(OPTIN_99K)}
-    )
+    cap = {"ATTNMEM_CUDA_SMEM_OPTIN_CAP": str(OPTIN_99K)}
+    (capped,) = check(harness, [rich], tmp_path, env=cap)
     assert (a.plan["warps"], a.plan["nbuf"]) == (4, 2)
     assert capped.plan == b.plan and (b.plan["warps"], b.plan["nbuf"]) == (2, 1)
     assert torch.equal(capped.out, b.out)
@@ -523,7 +484,8 @@ def test_smem_cap_knob_picks_the_smaller_parts_plan(harness, tmp_path):
 
 def test_plan_enumeration_respects_the_attribute_bound(harness):
     """`harness plans` fails if any plan needs more shared memory than max_plan_smem(), the
-    size the launcher sets once per (device, instantiation); the bound fits every opt-in."""
+    size the launcher sets once per (device, instantiation), or if that bound is above the
+    device's opt-in."""
     r = subprocess.run(
         [str(harness), "plans", *map(str, DEVICE_OPTINS)], capture_output=True, text=True
     )
@@ -635,21 +597,18 @@ SURVIVORS = {
 def mutation_cases() -> list[Case]:
     """Small cases that reach every path the mutants touch (D = 40 and fp32 only)."""
     cases = []
-    for dt in (torch.float16, torch.bfloat16):
-        q, k, v = make_qkv(4, 37, 1, 40, 77, dt, seed=1)
-        cases.append(Case("masks", q, k, v, *masks_for(4, 77)))
+    for k in ("fp16", "bf16"):
+        cases.append(case(f"{k}-masks", 4, 37, 1, 40, 77, k, seed=1))
         for layout in ("contiguous", "misaligned"):  # cp.async and element loads
             # prefetch ring: 4 tiles per warp, so each buffer is refilled while in use nearby
-            q, k, v = make_qkv(2, 270, 1, 40, 77, dt, layout, seed=2)
-            cases.append(Case(f"tpc16-{layout}", q, k, v, *masks_for(2, 77), tpc=16))
+            kw = dict(layout=layout, seed=2, tpc=16)
+            cases.append(case(f"{k}-tpc16-{layout}", 2, 270, 1, 40, 77, k, **kw))
             # 2 tiles per warp without prefetch: only on a short opt-in
-            q, k, v = make_qkv(1, 140, 1, 40, 77, dt, layout, seed=4)
-            cases.append(Case(f"tpc8-nbuf1-{layout}", q, k, v, optin=30000, tpc=8))
-        q, k, v = make_qkv(2, 70, 1, 40, 128, dt, seed=3)
-        cases.append(Case("tpc4-nk128", q, k, v, *masks_for(2, 128), tpc=4))
+            kw = dict(layout=layout, mask="none", seed=4, optin=30000, tpc=8)
+            cases.append(case(f"{k}-tpc8-nbuf1-{layout}", 1, 140, 1, 40, 77, k, **kw))
+        cases.append(case(f"{k}-tpc4-nk128", 4, 70, 1, 40, 128, k, seed=3, tpc=4))
     for D, Nk in ((40, 77), (24, 128)):
-        q, k, v = make_qkv(4, 30, 1, D, Nk, torch.float32, seed=5)
-        cases.append(Case(f"fp32-D{D}", q, k, v, *masks_for(4, Nk), tpc=2))
+        cases.append(case(f"fp32-D{D}", 4, 30, 1, D, Nk, "fp32", seed=5, tpc=2))
     return cases
 
 
