@@ -65,7 +65,9 @@ esac
 
 @pytest.fixture
 def run_check(tmp_path):
-    shutil.copytree(ROOT / "bench", tmp_path / "repo" / "bench", ignore=shutil.ignore_patterns("results"))
+    shutil.copytree(
+        ROOT / "bench", tmp_path / "repo" / "bench", ignore=shutil.ignore_patterns("results")
+    )
     bin_dir, cuda_bin = tmp_path / "bin", tmp_path / "cuda" / "bin"  # PATH and $CUDA_HOME/bin
     bin_dir.mkdir()
     cuda_bin.mkdir(parents=True)
