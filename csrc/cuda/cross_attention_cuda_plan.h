@@ -59,9 +59,11 @@ constexpr ATTNMEM_HD int mma_key_tiles(int Nk) { return Nk <= 80 ? 5 : 8; }
 constexpr ATTNMEM_HD int mma_dk(int D) { return (D + 15) / 16 * 16; }
 constexpr ATTNMEM_HD int mma_kstr(int D) { return mma_dk(D) + 8; }
 constexpr ATTNMEM_HD int mma_vstr(int NKT) { return 16 * NKT + 8; }
+constexpr ATTNMEM_HD size_t mma_ks_elems(int D, int NKT) { return size_t(16 * NKT) * mma_kstr(D); }
+constexpr ATTNMEM_HD size_t mma_vt_elems(int D, int NKT) { return size_t(D) * mma_vstr(NKT); }
+constexpr ATTNMEM_HD size_t mma_qtile_elems(int D) { return size_t(kTileRows) * mma_kstr(D); }
 constexpr ATTNMEM_HD size_t mma_smem_bytes(int D, int NKT, int W, int nbuf) {
-  return (size_t(16 * NKT) * mma_kstr(D) + size_t(D) * mma_vstr(NKT) +
-          size_t(W) * nbuf * kTileRows * mma_kstr(D)) *
+  return (mma_ks_elems(D, NKT) + mma_vt_elems(D, NKT) + size_t(W) * nbuf * mma_qtile_elems(D)) *
              2 +
          size_t(W) * 16 * NKT * 4 + ((size_t(W) * 4 + 15) / 16) * 16;
 }
@@ -72,9 +74,9 @@ struct MmaLayout {
   static constexpr int KSTR = mma_kstr(D);
   static constexpr int NKP = NKT * 16;
   static constexpr int VSTR = mma_vstr(NKT);
-  static constexpr size_t ks_elems = size_t(NKP) * KSTR;
-  static constexpr size_t vt_elems = size_t(D) * VSTR;
-  static constexpr size_t qtile_elems = size_t(kTileRows) * KSTR;
+  static constexpr size_t ks_elems = mma_ks_elems(D, NKT);
+  static constexpr size_t vt_elems = mma_vt_elems(D, NKT);
+  static constexpr size_t qtile_elems = mma_qtile_elems(D);
 };
 
 // fp32 kernel: Ks [NK32][KSTR] (NK32 = roundup(Nk, 32), KSTR odd so 32 lanes reading 32 keys at
