@@ -114,7 +114,6 @@ INCLUDES, NO_CUDA = cuda_plan()
 # Imported after cuda_plan(), which chose CUDA_HOME: torch reads it when imported.
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
