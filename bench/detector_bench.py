@@ -5,6 +5,10 @@ interleaved rounds.
 
     python -m bench.detector_bench                   # the table: bench/results/detectors_<device>.*
     python -m bench.detector_bench --size tiny --rounds 1 --out DIR    # smoke run (tests)
+    python -m bench.detector_bench --requality       # refresh the quality columns only
+
+``--requality`` rereads the committed timing JSON and fills its quality columns again from the
+current testbed validation (after the testbed is revalidated), without timing anything.
 
 Detectors whose cost is a few UNet calls are timed end to end (``score_batch``: text encoding,
 noise, every UNet pass, the statistic); the ones that run whole denoising loops (metric D, Wen
@@ -150,6 +154,24 @@ def render(payload: dict) -> list[str]:
     return lines
 
 
+def requality(path: Path) -> int:
+    """Refill the quality columns of the result at ``path`` (and its table) from the current
+    testbed validation; the timings are left as measured."""
+    if not path.exists():
+        print(f"no benchmark result at {path}: run python -m bench.detector_bench first")
+        return 1
+    payload = json.loads(path.read_text())
+    for r in payload["detectors"]:
+        r["quality"] = detector_quality(r["metric"], r["options"])
+    for r in payload["mitigators"]:
+        r["effect"] = mitigation_quality(r["spec"])
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    lines = render(payload)
+    path.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default=None, help="file stem (default detectors_<device>)")
+    ap.add_argument(
+        "--requality",
+        action="store_true",
+        help="only refill the quality columns of an existing result from the testbed validation",
+    )
     args = ap.parse_args(argv)
+    stem = args.name or f"detectors_{args.device}"
+    if args.requality:
+        return requality(args.out / f"{stem}.json")
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     t_start = time.perf_counter()
     pipe = build_pipeline(args.size, dtype, args.device)
@@ -280,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - t_start,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"detectors_{args.device}"
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     lines = render(payload)
     (args.out / f"{stem}.md").write_text("\n".join(lines))

@@ -8,8 +8,8 @@ Rerun research/testbed/validate.py after retraining, then `make bench`.
 
 The coupling with the validation file is this module only: :func:`detector_quality` and
 :func:`mitigation_quality` find a benchmark row's entry by key (:func:`validation_keys`: e.g.
-``wen_n4``, ``anisotropy_n1`` or ``anisotropy``; a mitigator by its spec string, Ren et al.'s as
-``g7.5_c1_<bos_scale>``) and accept an AUROC as a number or as ``[mean, lo, hi]``. A row whose
+``wen_n4``, ``anisotropy_n1`` or ``anisotropy``; a mitigator by guidance and spec string, e.g.
+``g7.5_cfg-delay:mode=static``, Ren et al.'s as ``g7.5_c1_<bos_scale>``) and accept an AUROC as a number or as ``[mean, lo, hi]``. A row whose
 key the validation lacks shows "–".
 """
 
@@ -83,7 +83,7 @@ def mitigation_quality(spec: str, guidance: float = 7.5, path: Path = VALIDATION
     """The validation's memorization-rate change and held-out similarity for a mitigator spec."""
     s = _summary(path)
     mit = (s or {}).get("mitigation", {})
-    key = spec
+    key = f"g{guidance:g}_{spec}"
     if spec.startswith("attention"):
         from attnmem.mitigate import parse
 

@@ -56,3 +56,32 @@ def test_detector_bench_smoke(tmp_path):
     assert mit["cfg-delay:mode=static"]["extra_forwards"] == 0
     assert mit["attention:bos_scale=1.25"]["effect"].startswith("memorization")
     assert "| detector |" in (tmp_path / "detectors_cpu.md").read_text()
+
+    # --requality refills the quality columns from the validation, leaving the timings alone.
+    measured = json.loads((tmp_path / "detectors_cpu.json").read_text())
+    for r in payload["detectors"]:
+        r["quality"] = None
+    for r in payload["mitigators"]:
+        r["effect"] = None
+    (tmp_path / "detectors_cpu.json").write_text(json.dumps(payload))
+    (tmp_path / "detectors_cpu.md").write_text("")
+    assert detector_bench.main(["--requality", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "detectors_cpu.json").read_text()) == measured
+    assert "| detector |" in (tmp_path / "detectors_cpu.md").read_text()
+    assert detector_bench.main(["--requality", "--out", str(tmp_path / "none")]) == 1
+
+
+def test_quality_finds_a_field_mitigator_by_guidance_and_spec(tmp_path):
+    from bench.quality import mitigation_quality
+
+    path = tmp_path / "validation.json"
+    mitigation = {
+        "g7.5_none": {"mem_rate": [0.6, 0.5, 0.7]},
+        "g7.5_cfg-delay:mode=static": {"mem_rate": [0.2, 0.1, 0.3], "neg_corr_vs_plain": 0.9},
+        "g7.5_c1_1.25": {"mem_rate": [0.1, 0.0, 0.2]},
+    }
+    path.write_text(json.dumps({"summary": {"mitigation": mitigation}}))
+    effect = mitigation_quality("cfg-delay:mode=static", path=path)
+    assert effect == "memorization 0.60 → 0.20; held-out r with unmitigated 0.90"
+    assert mitigation_quality("attention:bos_scale=1.25", path=path) == "memorization 0.60 → 0.10"
+    assert mitigation_quality("prompt-opt", path=path) is None

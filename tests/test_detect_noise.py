@@ -126,6 +126,17 @@ def test_sharpness_jvp_matches_finite_differences():
     assert res[0]["forwards"] == 2 * n and res[0]["jvps"] == 2 * n
 
 
+def test_sharpness_in_chunks_of_generations_equals_one_jvp():
+    pipe = tiny_sd1_pipeline().to(torch.float64)
+    whole = SharpnessDetector(pipe, n=3, jvp_generations=None).values(PROMPTS, SEEDS)
+    for k in (1, 2, 4):
+        got = SharpnessDetector(pipe, n=3, jvp_generations=k).values(PROMPTS, SEEDS)
+        torch.testing.assert_close(got, whole, rtol=1e-9, atol=1e-12)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jvp_generations"):
+            SharpnessDetector(pipe, jvp_generations=bad)
+
+
 def test_sharpness_fp32_close_to_fp64():
     p32 = tiny_sd1_pipeline()
     p64 = tiny_sd1_pipeline().to(torch.float64)
