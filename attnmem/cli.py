@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["calibration"],
         metavar="FILE",
         help="metric E: read the layer chosen by `attnmem calibrate` from FILE (default: the "
-        f"model folder's {CALIBRATION_FILE} if it has one, e.g. the bundled testbed; "
-        "--layer overrides it)",
+        f"model folder's {CALIBRATION_FILE} if it has one and --layer is not given, e.g. the "
+        "bundled testbed)",
     )
     scan.add_argument(
         "--n",

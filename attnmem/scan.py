@@ -79,18 +79,17 @@ class ScanOptions:
 def calibration_for(opts: ScanOptions) -> Path | None:
     """The calibration file metric E reads its layer from: ``opts.calibration``, else (when no
     ``layer`` is given) the model folder's :data:`~attnmem.detect.CALIBRATION_FILE`, if any.
-    A file given explicitly is read here, so a bad one fails before the model loads."""
+    :func:`run_scan` reads it once, before the model loads."""
     if opts.calibration is not None:
         if opts.metric != "E":
             raise ScanError(f"--calibration is for metric E, not {opts.metric}")
-        detect.Calibration.load(opts.calibration)
         return Path(opts.calibration)
     if opts.metric == "E" and opts.layer is None:
         return model_calibration(opts.model)
     return None
 
 
-def _detector_options(opts: ScanOptions) -> dict[str, Any]:
+def _detector_options(opts: ScanOptions, calibration: detect.Calibration | None) -> dict[str, Any]:
     """Options for make_detector; None = the metric's default (it rejects what it cannot use)."""
     return {
         **opts.options,
@@ -99,7 +98,7 @@ def _detector_options(opts: ScanOptions) -> dict[str, Any]:
         "height": opts.height,
         "width": opts.width,
         "layer": opts.layer,
-        "calibration": calibration_for(opts),
+        "calibration": calibration,
         "n": opts.n,
     }
 
@@ -190,7 +189,8 @@ def run_scan(
     overrides ``opts.latents``). Under torchrun each process calls this; it starts and ends
     the process group itself.
     """
-    calibration_for(opts)  # a bad calibration file fails before the model loads
+    cal_file = calibration_for(opts)  # read now: a bad file fails before the model loads
+    calibration = None if cal_file is None else detect.Calibration.load(cal_file)
     job = Job(
         name="scan",
         prompts=opts.prompts,
@@ -211,7 +211,9 @@ def run_scan(
             pipe = load_pipeline(opts.model, device, dtype, opts.load)
         check_job_pipeline(pipe, opts.model)
         try:
-            detector = detect.make_detector(opts.metric, pipe, **_detector_options(opts))
+            detector = detect.make_detector(
+                opts.metric, pipe, **_detector_options(opts, calibration)
+            )
         except ValueError as e:
             raise ScanError(str(e)) from None
         lat = latents if latents is not None or opts.latents is None else load_latents(opts.latents)

@@ -1,4 +1,4 @@
-"""Per-model calibration of metric E: which cross-attention layer to read (docs/method.md §4.3).
+"""Per-model calibration of metric E: which cross-attention layer to read (docs/method.md §4).
 
 The paper reads metric E at the 4th cross-attention layer of SD1.x, where its signature is
 strongest; attnmem keeps that default for SD1.x / SD2.x. Another model (a fine-tune, another
