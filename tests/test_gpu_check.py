@@ -176,3 +176,12 @@ def test_no_python_with_torch_fails_at_once(run_check, tmp_path):
     os.remove(tmp_path / "bin" / "python3")
     rc, summary, _ = run_check()
     assert rc == 1 and "no python with torch" in summary
+
+
+def test_small_cases_dry_run_on_the_cpu_kernel(capsys):
+    """The sanitizer stage's calls run and meet the project's tolerance rule on the CPU kernel."""
+    from bench import gpu_small_cases
+
+    assert gpu_small_cases.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(gpu_small_cases.CASES)}/{len(gpu_small_cases.CASES)} small cases match" in out
