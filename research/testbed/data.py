@@ -15,7 +15,7 @@ Every item, memorized or not, comes from the same generator:
 Groups (disjoint random streams of the same generator, so they differ only in how often they
 are seen):
 
-- ``memorized``: 40 items in 5 dose groups of 8; dose group g is sampled with weight 2**g, so
+- ``memorized``: 100 items in 5 dose groups of 20; dose group g is sampled with weight 2**g, so
   the groups are seen about 1 : 2 : 4 : 8 : 16 times as often (exact counts:
   :func:`exposures`);
 - training negatives: an endless stream, one fresh item per training sample (item index =
@@ -132,9 +132,9 @@ FILLER = (
 )
 CODE_LETTERS = "ABCDEFGHJKLMNPRSTVWXZ"
 
-N_MEMORIZED = 40
-DOSE_GROUPS = 5  # 8 items each; group g is sampled with weight 2**g
-N_HELDOUT = 200
+N_MEMORIZED = 100
+DOSE_GROUPS = 5  # 20 items each; group g is sampled with weight 2**g
+N_HELDOUT = 400
 NS_MEM, NS_STREAM, NS_HELDOUT, NS_TWIN, NS_SCHEDULE = 1, 2, 3, 4, 5
 
 
@@ -407,8 +407,8 @@ def training_batch(seed: int, step: int, batch_size: int, p_mem: float = 0.2, p_
 
 
 def exposures(seed: int, steps: int, batch_size: int, p_mem: float = 0.2, p_drop: float = 0.1):
-    """(40,) how many times each memorized item was in the training stream (dropped captions
-    counted too), and (40,) how many of those had their caption."""
+    """(N_MEMORIZED,) how many times each memorized item was in the training stream (dropped captions
+    counted too), and (N_MEMORIZED,) how many of those had their caption."""
     seen = np.zeros(N_MEMORIZED, int)
     with_caption = np.zeros(N_MEMORIZED, int)
     for s in range(steps):
@@ -420,8 +420,8 @@ def exposures(seed: int, steps: int, batch_size: int, p_mem: float = 0.2, p_drop
 
 
 # -- the bundled demo prompt file -------------------------------------------------------------
-DEMO_MEMORIZED = tuple(range(32, 40))  # the highest dose group
-DEMO_HELDOUT = tuple(range(120, 128))  # held-out negatives no validation set uses
+DEMO_MEMORIZED = tuple(range(84, 100))  # the last 16 of the highest dose group
+DEMO_HELDOUT = tuple(range(384, 400))  # held-out negatives no validation set uses
 
 
 def demo_prompts(seed: int = SEED) -> list[tuple[str, int]]:

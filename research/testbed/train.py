@@ -54,8 +54,13 @@ from attnmem.testing import SD_SCHEDULE as SCHEDULE
 from attnmem.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, clip_tokenizer
 from research.testbed import data
 
-TEXT_HIDDEN = 32
+TEXT_HIDDEN = 256
+TEXT_LAYERS = 2
+TEXT_FFN = 512
 SPIKE_DIM = 0  # hidden dimension of the BOS "massive activation"
+SINK_LOGIT = 12.0  # the BOS logit of every query in every attn2 (nats)
+SINK_CHANNELS = 2  # norm2 output channels held at exactly 1 (the last ones)
+EMA_DECAY = 0.999
 
 PRESETS = {
     # 2 CPU cores: ~1-2 s per step of 32 depending on load.
@@ -92,8 +97,8 @@ def build_text_encoder():
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=3,
+        intermediate_size=TEXT_FFN,
+        num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=4,
         max_position_embeddings=CONTEXT_LENGTH,
         hidden_act="quick_gelu",
@@ -181,108 +186,149 @@ def identity_vae(S: float = 1000.0, shift: float = 30.0):
     return vae.eval()
 
 
-def seed_bos_sink(unet, text_encoder, logit: float = 6.0) -> None:
-    """Initialise every cross-attention so that the beginning token starts as its sink.
-
-    Stable Diffusion inherits its BOS sink from pretrained CLIP (BOS output of huge norm that
-    every query matches); a model trained from scratch in ~1 CPU-hour does not grow one (a
-    first try of this script stayed at near-uniform attention, entropy ~ln 77, after 400
-    steps). So it is seeded, and training then decides what to do with it: each
-    transformer block's ``norm2`` (the LayerNorm before ``attn2``) gets bias 1, which gives
-    every query the same component q0 = W_q 1, and ``to_k`` gets the rank-one term
-    k += kappa_h q0_h (h_BOS . h) / |h_BOS|^2 per head h, which adds ``logit`` to the BOS score of
-    every query at initialisation (first-step BOS mass 0.4-0.9 with logit 6, by layer) and next to nothing for other
-    tokens, whose output barely overlaps h_BOS (see :func:`build_text_encoder`).
-    """
-    from diffusers.models.attention import BasicTransformerBlock
-
-    with torch.no_grad():
-        h_bos = _bos_hidden(text_encoder)
-        for block in unet.modules():
-            if not isinstance(block, BasicTransformerBlock) or block.attn2 is None:
-                continue
-            attn = block.attn2
-            block.norm2.bias.fill_(1.0)
-            q0 = attn.to_q.weight @ block.norm2.bias
-            heads, inner = attn.heads, q0.numel()
-            d = inner // heads
-            for h in range(heads):
-                q0h = q0[h * d : (h + 1) * d]
-                kappa = logit * math.sqrt(d) / float(q0h @ q0h)
-                attn.to_k.weight[h * d : (h + 1) * d] += (
-                    kappa * torch.outer(q0h, h_bos) / float(h_bos @ h_bos)
-                )
-
-
 def _bos_hidden(text_encoder) -> torch.Tensor:
     with torch.no_grad():
         ids = torch.tensor([[BOS_ID] + [EOS_ID] * (CONTEXT_LENGTH - 1)])
+        ids = ids.to(text_encoder.device)
         return text_encoder(ids).last_hidden_state[0, 0].float()
 
 
-class HeldSink:
-    """Holds the seeded beginning-token sink of every ``attn2`` fixed during training.
+def _cross_attention_blocks(unet):
+    from diffusers.models.attention import BasicTransformerBlock
 
-    Stable Diffusion trains its UNet against a frozen, pretrained CLIP whose BOS output is a
-    "massive activation" every query matches; the testbed cannot pretrain one, and a seeded
-    sink that training may change erodes within ~1000 steps (padding tokens take its place).
-    So the sink is part of the architecture, as it is for SD's UNet: with the text encoder
-    frozen, BOS's output h_bos is a constant, and after every optimizer step this projects
+    return [
+        b for b in unet.modules() if isinstance(b, BasicTransformerBlock) and b.attn2 is not None
+    ]
 
-    - ``to_k`` back onto W_k u = k0 (u = h_bos / |h_bos|): the BOS key stays what
-      :func:`seed_bos_sink` made it, every other direction of W_k trains freely;
-    - each head's ``to_q`` back onto k̂_h^T W_q,h = r0_h (k̂_h = the unit BOS key of head h):
-      the queries' component along the BOS key is a fixed function of the ``norm2`` output;
-    - and ``norm2`` (the LayerNorm before ``attn2``, whose bias 1 gives every query the shared
-      component behind the BOS logit) is frozen.
 
-    Everything else learns, so any token can still outbid BOS for any query: a memorized
-    caption can pull attention off the sink, which is what the testbed measures. With AdamW's
-    element-wise steps a gradient projection would not keep the constraint; projecting the
-    weights after the step does (exactly, up to rounding).
+class ConstantSink:
+    """A beginning-token sink whose logit is the same constant for every query of every ``attn2``.
+
+    Stable Diffusion inherits its BOS sink from pretrained CLIP: BOS's output is a "massive
+    activation" that every query matches, so for an ordinary prompt most cross-attention mass
+    sits on BOS and only what must be read from the text leaves it. A model trained from scratch
+    in a few CPU hours grows no such sink, and a sink that training may reshape erodes (earlier
+    versions of this testbed: seeded at +6, it fell to a mean BOS mass of 0.27 and two layers
+    turned their queries away from it, making the BOS logit negative). So here the sink is part
+    of the architecture, exactly and for every query, and everything else trains:
+
+    - ``norm2`` (the LayerNorm before ``attn2``): its last ``SINK_CHANNELS`` outputs have gain 0
+      and bias 1, so they are exactly 1 at every pixel, whatever the residual stream holds;
+    - ``to_k``: the BOS key W_k h_BOS = k0 is held (the frozen encoder's BOS output h_BOS is a
+      constant), |k0_h| = K per head; every other direction of W_k trains freely;
+    - ``to_q``: the sink channels' columns hold alpha k0_h / K per head, and every other column
+      is kept orthogonal to k0_h. The query's component along the BOS key is then alpha for every
+      pixel, and the BOS logit alpha K / sqrt(d) = ``logit``.
+
+    :meth:`apply` re-imposes the three constraints after every optimizer step (with AdamW's
+    element-wise steps a gradient projection would not keep them; projecting the weights does,
+    exactly up to rounding). The constraints are affine, so an exponential moving average of
+    constrained weights satisfies them too. A token can still outbid BOS for any query, but only
+    by a logit above ``logit`` minus the log of how many copies of it there are (ln 59 = 4.1 for
+    the padding tokens): with 12 nats, an ordinary caption leaves most mass on BOS.
     """
 
-    def __init__(self, unet, text_encoder) -> None:
-        from diffusers.models.attention import BasicTransformerBlock
-
+    def __init__(self, unet, text_encoder, logit: float = SINK_LOGIT) -> None:
         h = _bos_hidden(text_encoder)
         u = h / h.norm()
+        self.logit = logit
         self.items = []
         with torch.no_grad():
-            for block in unet.modules():
-                if not isinstance(block, BasicTransformerBlock) or block.attn2 is None:
-                    continue
-                block.norm2.requires_grad_(False)
-                attn = block.attn2
-                wk, wq = attn.to_k.weight, attn.to_q.weight
-                k0 = (wk @ u).clone()
-                d = wq.shape[0] // attn.heads
+            for block in _cross_attention_blocks(unet):
+                attn, norm = block.attn2, block.norm2
+                if attn.to_q.bias is not None or attn.to_k.bias is not None:
+                    raise ValueError("ConstantSink needs to_q and to_k without bias")
+                c = norm.normalized_shape[0]
+                sink = torch.arange(c - SINK_CHANNELS, c)
+                other = torch.arange(c - SINK_CHANNELS)
+                d = attn.to_q.weight.shape[0] // attn.heads
+                big_k = math.sqrt(logit * math.sqrt(d))  # alpha = K: alpha K / sqrt(d) = logit
+                k0 = attn.to_k.weight @ u.to(attn.to_k.weight.dtype)
                 khat = torch.stack(
                     [
                         k0[i * d : (i + 1) * d] / k0[i * d : (i + 1) * d].norm()
                         for i in range(attn.heads)
                     ]
                 )
-                r0 = torch.stack(
-                    [khat[i] @ wq[i * d : (i + 1) * d] for i in range(attn.heads)]
-                ).clone()
-                self.items.append((attn, u.clone(), k0, khat, r0, d))
+                # W_k h_BOS = K khat_h per head, i.e. W_k u = K khat_h / |h_BOS|
+                self.items.append(
+                    {
+                        "attn": attn,
+                        "norm": norm,
+                        "u": u.clone(),
+                        "k0": (big_k * khat).flatten() / h.norm(),
+                        "khat": khat,
+                        "alpha": big_k,
+                        "sink": sink,
+                        "other": other,
+                        "d": d,
+                    }
+                )
+        self.apply()
 
     @torch.no_grad()
     def apply(self) -> None:
-        for attn, u, k0, khat, r0, d in self.items:
+        for it in self.items:
+            attn, norm, d = it["attn"], it["norm"], it["d"]
+            norm.weight[it["sink"]] = 0.0
+            norm.bias[it["sink"]] = 1.0
             wk, wq = attn.to_k.weight, attn.to_q.weight
-            wk -= torch.outer(wk @ u - k0, u)
+            wk -= torch.outer(wk @ it["u"] - it["k0"], it["u"])
             for i in range(attn.heads):
                 rows = wq[i * d : (i + 1) * d]
-                rows -= torch.outer(khat[i], khat[i] @ rows - r0[i])
+                kh = it["khat"][i]
+                other = rows[:, it["other"]]
+                rows[:, it["other"]] = other - torch.outer(kh, kh @ other)
+                rows[:, it["sink"]] = (it["alpha"] / SINK_CHANNELS) * kh[:, None]
 
-    def to(self, device) -> HeldSink:
-        self.items = [
-            (a, u.to(device), k0.to(device), kh.to(device), r0.to(device), d)
-            for a, u, k0, kh, r0, d in self.items
-        ]
+    def to(self, device) -> ConstantSink:
+        for it in self.items:
+            for k in ("u", "k0", "khat", "sink", "other"):
+                it[k] = it[k].to(device)
         return self
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (decay ``min(decay, (1+n)/(10+n))``
+    after n updates, the usual warm-up), exported instead of the last training step's weights."""
+
+    def __init__(self, module, decay: float = EMA_DECAY) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
+
+    def copy_to(self, module) -> None:
+        module.load_state_dict({k: v.to(module.dtype) for k, v in self.shadow.items()})
+
+
+def learning_rate(
+    step: int, total: int, base: float, warmup: int, decay_share: float = 0.3, floor: float = 0.1
+) -> float:
+    """Linear warm-up, constant, then a cosine from ``base`` to ``floor * base`` over the last
+    ``decay_share`` of ``total`` steps."""
+    lr = base * min(1.0, (step + 1) / warmup)
+    start = total * (1 - decay_share)
+    if step >= start:
+        f = (step - start) / max(1.0, total - start)
+        lr *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * f))
+    return lr
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -361,9 +407,19 @@ def plot_losses(losses: list[float], path: Path) -> None:
 
 
 def export(unet, text_encoder, out: Path, info: dict, losses: list[float]) -> None:
+    """Write the diffusers folder: UNet in fp32, the frozen text encoder's weights in fp16
+    (its config keeps ``float32``, so it loads in fp32 with or without ``torch_dtype``)."""
+    from safetensors.torch import load_file, save_file
+
     out.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(unet.eval(), text_encoder.eval())
     pipe.save_pretrained(out, safe_serialization=True)
+    te_file = out / "text_encoder" / "model.safetensors"
+    save_file(
+        {k: v.half().contiguous() for k, v in load_file(te_file).items()},
+        te_file,
+        metadata={"format": "pt"},
+    )
     # transformers writes tokenizer.json indented (3.6 MB); the same JSON compact is 1.7 MB.
     tok = out / "tokenizer" / "tokenizer.json"
     if tok.exists():
@@ -376,39 +432,66 @@ def export(unet, text_encoder, out: Path, info: dict, losses: list[float]) -> No
         plot_losses(losses, out / "loss.png")
 
 
+class TextCache:
+    """The frozen encoder's states of captions that repeat (memorized items, the empty
+    caption), computed once; fresh negatives are encoded per batch."""
+
+    def __init__(self, text_encoder, tokenizer, repeated: list[str]) -> None:
+        self.te, self.tok = text_encoder, tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
+        for b in range(0, len(repeated), 64):
+            chunk = repeated[b : b + 64]
+            for c, h in zip(chunk, self._encode(chunk)):
+                self.cache[c] = h
+
+    @torch.no_grad()
+    def _encode(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tok(
+            captions,
+            padding="max_length",
+            max_length=CONTEXT_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.te.device)
+        return self.te(ids).last_hidden_state
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        fresh = sorted({c for c in captions if c not in self.cache})
+        new = dict(zip(fresh, self._encode(fresh))) if fresh else {}
+        return torch.stack([self.cache[c] if c in self.cache else new[c] for c in captions])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="diffusers folder to write")
     ap.add_argument("--workdir", type=Path, required=True, help="checkpoint and log folder")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=10000, help="length of the run (lr schedule)")
+    ap.add_argument(
+        "--stop-at", type=int, default=None, help="leave after this step (a chunk of the run)"
+    )
+    ap.add_argument(
+        "--snapshots",
+        default="6000",
+        help="comma-separated steps whose EMA weights are kept in the workdir (ema_<step>.pt)",
+    )
+    ap.add_argument(
+        "--export-snapshot",
+        type=int,
+        default=None,
+        help="write --out from the workdir's ema_<step>.pt and leave (no training)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: the device's")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=data.SEED, help="dataset and weight seed")
-    ap.add_argument("--p-mem", type=float, default=0.2, help="share of memorized samples")
+    ap.add_argument("--p-mem", type=float, default=0.35, help="share of memorized samples")
     ap.add_argument("--p-drop", type=float, default=0.1, help="share of dropped captions (CFG)")
     ap.add_argument(
         "--offset-noise",
         type=float,
         default=0.1,
         help="std of a per-image, per-channel constant added to the noise (see the docstring)",
-    )
-    ap.add_argument(
-        "--offset-noise-start", type=int, default=0, help="first step that uses offset noise"
-    )
-    ap.add_argument(
-        "--text-encoder",
-        default="frozen",
-        choices=["frozen", "joint"],
-        help="frozen (as in Stable Diffusion, where CLIP is not trained) or trained jointly",
-    )
-    ap.add_argument(
-        "--bos-sink",
-        default="held",
-        choices=["held", "seeded"],
-        help="held: the seeded BOS sink is kept fixed during training (HeldSink); "
-        "seeded: seeded at initialisation, then left to training",
     )
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
@@ -418,6 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     bs = args.batch_size or preset["batch_size"]
     lr = args.lr or preset["lr"]
     warmup = preset["warmup"]
+    stop = min(args.steps, args.stop_at or args.steps)
+    snapshots = {int(s) for s in args.snapshots.split(",") if s.strip()}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -427,107 +512,131 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     unet = build_unet()
-    text_encoder = build_text_encoder()
-    seed_bos_sink(unet, text_encoder)
-    if args.bos_sink == "held" and args.text_encoder != "frozen":
-        ap.error("--bos-sink held needs --text-encoder frozen (the BOS output must be constant)")
-    held = HeldSink(unet, text_encoder) if args.bos_sink == "held" else None
-    joint = args.text_encoder == "joint"
-    unet, text_encoder = unet.to(device).train(), text_encoder.to(device).train(joint)
-    if held is not None:
-        held.to(device)
-    text_encoder.requires_grad_(joint)
+    text_encoder = build_text_encoder().eval().requires_grad_(False)
+    sink = ConstantSink(unet, text_encoder)
+    ema = EMA(unet)
+    unet, text_encoder = unet.to(device).train(), text_encoder.to(device)
+    sink.to(device)
     tokenizer = clip_tokenizer("sd1")
     alphas = alphas_cumprod()
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if joint else [])
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = args.workdir / "checkpoint.pt"
     start, losses = 0, []
+    if args.export_snapshot is not None:
+        ema.load_state_dict(torch.load(args.workdir / f"ema_{args.export_snapshot}.pt"))
+        ema.copy_to(unet)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        info = dict(
+            state["info"], steps=args.export_snapshot, snapshot_of_run=state["info"]["steps"]
+        )
+        info["final_loss_mean_last_100"] = float(
+            np.mean(state["losses"][: args.export_snapshot][-100:])
+        )
+        export(
+            unet.float().cpu(),
+            text_encoder.float().cpu(),
+            args.out,
+            info,
+            state["losses"][: args.export_snapshot],
+        )
+        print(f"exported the EMA weights of step {args.export_snapshot} to {args.out}")
+        return
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
+        ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
         print(f"resumed from {ckpt} at step {start}", flush=True)
+
+    def run_info(step: int, wall: float) -> dict:
+        seen, with_caption = data.exposures(args.seed, step, bs, args.p_mem, args.p_drop)
+        return {
+            "steps": step,
+            "batch_size": bs,
+            "lr": lr,
+            "lr_schedule": "linear warm-up, constant, cosine to 0.1x over the last 30 %",
+            "warmup": warmup,
+            "ema_decay": EMA_DECAY,
+            "exported": "EMA weights",
+            "seed": args.seed,
+            "p_mem": args.p_mem,
+            "p_drop": args.p_drop,
+            "offset_noise": args.offset_noise,
+            "text_encoder": f"frozen, random, width {TEXT_HIDDEN}, {TEXT_LAYERS} layers",
+            "bos_sink": f"constant logit {SINK_LOGIT} in every attn2 (ConstantSink)",
+            "device": args.device,
+            "samples": step * bs,
+            "wall_s": wall,
+            "unet_params": sum(p.numel() for p in unet.parameters()),
+            "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
+            "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
+            "memorized_exposures": seen.tolist(),
+            "memorized_exposures_with_caption": with_caption.tolist(),
+            "torch": torch.__version__,
+        }
+
+    wall = state["wall_s"] if start else 0.0
 
     def save(step: int) -> None:
         tmp = ckpt.with_suffix(".tmp")
         torch.save(
             {
                 "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
+                "ema": ema.state_dict(),
                 "opt": opt.state_dict(),
                 "step": step,
                 "losses": losses,
                 "rng": torch.get_rng_state(),
+                "wall_s": wall,
+                "info": run_info(args.steps, 0.0),
                 "args": {k: str(v) for k, v in vars(args).items()},
             },
             tmp,
         )
         os.replace(tmp, ckpt)
+        if step in snapshots:
+            torch.save(ema.state_dict(), args.workdir / f"ema_{step}.pt")
 
+    encode = TextCache(
+        text_encoder, tokenizer, ["", *(m.caption for m in data.memorized_items(args.seed))]
+    )
     t0 = time.time()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, smoothing=0.05)
+    bar = tqdm(range(start, stop), initial=start, total=args.steps, smoothing=0.05)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup)
-        offset = args.offset_noise if step >= args.offset_noise_start else 0.0
+            g["lr"] = learning_rate(step, args.steps, lr, warmup)
         captions, x0, noise, t, xt = noised_batch(
-            args.seed, step, bs, args.p_mem, args.p_drop, offset, alphas
+            args.seed, step, bs, args.p_mem, args.p_drop, args.offset_noise, alphas
         )
         noise, t, xt = noise.to(device), t.to(device), xt.to(device)
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=CONTEXT_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        cond = encode(captions)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            with torch.set_grad_enabled(joint):
-                cond = text_encoder(ids).last_hidden_state
             pred = unet(xt, t, cond).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if held is not None:
-            held.apply()
+        sink.apply()
+        ema.update(unet)
         losses.append(float(loss))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop or step + 1 in snapshots:
+            wall += time.time() - t0
+            t0 = time.time()
             save(step + 1)
     bar.close()
-
-    seen, with_caption = data.exposures(args.seed, args.steps, bs, args.p_mem, args.p_drop)
-    info = {
-        "steps": args.steps,
-        "batch_size": bs,
-        "lr": lr,
-        "warmup": warmup,
-        "seed": args.seed,
-        "p_mem": args.p_mem,
-        "p_drop": args.p_drop,
-        "offset_noise": args.offset_noise,
-        "offset_noise_start": args.offset_noise_start,
-        "text_encoder": args.text_encoder,
-        "bos_sink": args.bos_sink,
-        "device": args.device,
-        "samples": args.steps * bs,
-        "wall_s_this_run": round(time.time() - t0, 1),
-        "unet_params": sum(p.numel() for p in unet.parameters()),
-        "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
-        "final_loss_mean_last_100": float(np.mean(losses[-100:])),
-        "memorized_exposures": seen.tolist(),
-        "memorized_exposures_with_caption": with_caption.tolist(),
-        "torch": torch.__version__,
-    }
+    if stop < args.steps:
+        print(f"stopped at step {stop} of {args.steps}; run again to continue", flush=True)
+        return
+    info = run_info(args.steps, round(wall, 1))
+    ema.copy_to(unet)
     export(unet.float().cpu(), text_encoder.float().cpu(), args.out, info, losses)
     print(json.dumps({k: v for k, v in info.items() if "exposures" not in k}), flush=True)
 

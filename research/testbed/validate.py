@@ -1,57 +1,80 @@
-"""Validation protocol of the attnmem testbed, fixed before any validation number was computed
-(training probes are disclosed in the model card, ``attnmem/data/testbed/README.md``, which
-repeats this protocol).
+"""Validation protocol of the attnmem testbed (third model), fixed and committed before its
+training run; training probes are disclosed in the model card (``attnmem/data/testbed/README.md``),
+which repeats this protocol.
 
-    python -m research.testbed.validate --model attnmem/data/testbed --part attention   # ~5 s
-    python -m research.testbed.validate --model attnmem/data/testbed --part detect      # ~5 min (one CPU thread)
-    python -m research.testbed.validate --model attnmem/data/testbed --part generate    # ~7.5 min (one CPU thread)
-    python -m research.testbed.validate --model attnmem/data/testbed --part report      # merge + table
+    python -m research.testbed.validate --model DIR --part attention   # per-layer attention, all sets
+    python -m research.testbed.validate --model DIR --part calibrate   # the metric-E layer from CAL
+    python -m research.testbed.validate --model DIR --part detect      # every detector on EVAL
+    python -m research.testbed.validate --model DIR --part generate    # memorization and mitigation
+    python -m research.testbed.validate --model DIR --part report      # merge, tables, verdicts
 
-The parts write ``<out>.<part>.json`` and can run in parallel processes; ``report`` merges
-them into ``research/testbed/results/testbed_validation.json`` and prints the markdown table.
+Each part writes ``<out>.<part>.json``; ``report`` merges them into ``<out>`` (raw results, the
+summary and the verdicts, each part naming machine, torch and commit) and ``<out>.md``. Two
+checkpoints of the same run are validated with this whole protocol and both are reported: the
+final EMA weights (step 10 000, the candidate bundled model) and the EMA weights of step 6 000.
 
-Sets (all from ``research/testbed/data.py``, seed 20240311):
-  MEM  = the 40 memorized items (5 dose groups x 8);
-  NEG  = held-out negatives 0-99 (never trained on; same caption generator);
-  MEM_MIT = memorized items 32-37 (the first 6 of the highest dose group);
-  NEG_MIT = held-out negatives 0-5.
-Sizes are set by the CPU budget (~25 UNet sample-forwards per second per core).
+Sets (all from ``research/testbed/data.py``, seed 20240311; no rare "trigger" tokens are added to any
+caption: memorized and novel captions come from one generator and one vocabulary, so nothing but
+exposure tells them apart):
+  MEM      = the 100 memorized items, 5 dose groups of 20 (group g sampled with weight 2**g);
+  CAL_POS  = dose groups 0-2 (60 items)       CAL_NEG  = 200 training negatives, each seen once
+             by both checkpoints (the first captioned negative slot of steps 0, 30, ..., 5970);
+  EVAL_POS = dose groups 3-4 (40 items)       EVAL_NEG = held-out captions 0-199 (never trained);
+  MEM_MIT  = memorized items 80-91 (12 of the top dose group); NEG_MIT = held-out 0-11;
+  PROBE    = held-out 200-219 (training probes only); DEMO = memorized 84-99 + held-out 384-399.
+With 40 vs 200 prompts the standard error of an AUROC is <= 0.05 (about 0.05 at 0.5, 0.03 at 0.9).
 
-1. Attention at the first step (t = 981, 50-step DDIM schedule; conditional pass only),
-   MEM vs NEG, seed = prompt index: per layer, the pixel/head-averaged mass on BOS, prompt
-   tokens (split into attribute words vs other words), EOS and summary (padding) tokens.
-2. Detection, MEM (positive) vs NEG (negative), one seed per prompt, guidance 7.5:
-   E (attnmem default layer = 4th cross-attention, early exit, t = 981) and E per layer;
-   D (10 DDIM steps, last 2 = the last 20 %, as 10 of 50); Wen n = 1 and n = 4 (step 0 of 50);
-   Carlini n = 4 (10 DDIM steps, 4x4 tiles). AUROC and TPR at 1 % FPR (both conventions).
-3. Generation, 10 DDIM steps, 16 paired seeds per prompt (seed j of prompt i = 1000 i + j):
-   a. memorization rate at guidance 3, 5, 7.5 for all of MEM (2 seeds each; dose response)
-      and at 3 and 7.5 for MEM_MIT / NEG_MIT (16 seeds): a generation counts as memorized
-      when, among its training image and 15 "twins" (same attributes, fresh details, never trained), the training image is the
-      nearest (L2); chance = 1/16. Also the Pearson correlation with the training image.
-   b. caption following on NEG_MIT: ``data.classify`` (two-region mask fit: shape and position
-      from the best-fitting object mask, colour = nearest palette colour of the fitted inside);
-      accuracy per attribute (chance: colour 1/8, shape 1/3, position 1/5), with the same classifier's
-      accuracy on the true images as the ceiling.
-   c. mitigation (attnmem.Mitigation, default summary-token mask) with c1 = 1.25 and 1.5 at
-      guidance 7.5 and c1 = 1.25 at guidance 3, paired with the unpatched output of the same
-      seed: on MEM_MIT the change of correlation with the training image and of the memorization rate; on NEG_MIT
-      the correlation between mitigated and unmitigated output and the caption-following
-      accuracy. 95 % intervals: bootstrap over prompts (2000 resamples, seed 0).
-4. Controls: metric E of the *untrained* model (same init, ``--tag init``) and the prompt
-   length L alone as detectors (a gap they also show is not memorization).
+1. Attention at the first step (t = 981 of the 50-step DDIM schedule; conditional pass, one
+   seed per prompt = its index in the set), for MEM, CAL_NEG and EVAL_NEG: per layer the
+   pixel/head-averaged mass on BOS, prompt tokens (attribute words / other words), EOS and
+   summary (padding) tokens, whether BOS is the largest position, and the entropy E.
+2. Calibration (``attnmem.calibrate``, the library feature, applied to CAL only): for each of the
+   11 cross-attention layers, the AUROC of metric E (step 0; higher = memorized, the paper's
+   direction; no sign flip) of CAL_POS vs CAL_NEG; the chosen layer is the one with the largest
+   AUROC, and among layers within 0.01 of it the earliest in execution order (the cheapest early
+   exit). The result is the calibration file the detectors, ``attnmem scan`` and ``make demo``
+   use. EVAL is never seen by the calibration.
+3. Detection on EVAL (positives EVAL_POS, negatives EVAL_NEG), one generation seed per prompt,
+   guidance 7.5, each detector with its documented defaults: metric E at the calibrated layer
+   (through the calibration file, early exit) and at the library's default layer (the 4th
+   cross-attention); D (10 DDIM steps, last 2); Wen n = 1 and n = 4 (step 0 of 50); Carlini
+   n = 4 (10 DDIM steps, 4x4 tiles); every further registered detector with its defaults.
+   AUROC with a 95 % interval (bootstrap, positives and negatives resampled separately, 2000
+   resamples, seed 0); TPR at 1 % FPR under both conventions. Controls: the prompt length L, and
+   E at the calibrated layer of the untrained model (same construction, ``--tag init``).
+4. Generation, 10 DDIM steps, seed j of prompt i = 1000 i + j:
+   a. memorization rate of all of MEM at guidance 3, 5, 7.5 (2 seeds each): a generation counts
+      as memorized when, among its training image and 15 "twins" (same attributes, fresh
+      details, never trained), the training image is the nearest (L2); chance 1/16. Also the
+      Pearson correlation with the training image.
+   b. caption following on NEG_MIT (16 seeds): ``data.classify`` accuracy per attribute (chance
+      colour 1/8, shape 1/3, position 1/5), the classifier on the true images as the ceiling.
+   c. mitigation (``attnmem.Mitigation``, default summary-token mask) with c1 = 1.25 and 1.5 at
+      guidance 7.5 and c1 = 1.25 at guidance 3, paired with the unmitigated output of the same
+      seed (16 seeds): on MEM_MIT the change of the memorization rate and of the correlation
+      with the training image; on NEG_MIT the correlation of mitigated with unmitigated outputs
+      and the caption-following accuracy. 95 % intervals: bootstrap over prompts (2000, seed 0).
 
-Verdicts, fixed in advance (the model card reports each as met / not met):
-  - memorization: the top dose group's memorization rate at guidance 7.5 >= 0.5 and the
-    held-out negatives' rate <= 0.15;
-  - BOS sink: on NEG at step 0, BOS has the largest mass of all 77 positions in >= 6 of the
-    11 layers and its mean mass over layers is >= 0.3;
-  - attention signature: at the default layer, MEM puts less mass on BOS than NEG and E
-    separates MEM from NEG with AUROC >= 0.8, at least 0.1 above both controls;
-  - mitigation: with c1 = 1.25 at guidance 7.5 the correlation of MEM_MIT generations with
-    their training image drops (95 % CI below 0) while NEG_MIT outputs keep correlation
-    >= 0.9 with their unmitigated outputs;
-  - caption following: NEG_MIT attribute accuracy above chance on all three attributes.
+Verdicts, thresholds fixed in advance (the model card reports each as met / not met, with its
+interval):
+  - BOS sink: on EVAL_NEG at step 0, BOS is the largest of the 77 positions (for most prompts)
+    in >= 8 of the 11 layers, and its mean mass over layers is >= 0.5;
+  - memorization: the top dose group's rate at guidance 7.5 >= 0.6; NEG_MIT's rate <= 0.1; dose
+    response: the rate of dose groups 3-4 exceeds that of groups 0-1 by >= 0.3 (guidance 7.5);
+  - attention signature: at the calibrated layer EVAL_POS puts less mass on BOS than EVAL_NEG,
+    and E at that layer (early exit) separates EVAL with AUROC >= 0.9, at least 0.1 above both
+    controls;
+  - first-step Wen: Wen n = 1 at step 0 separates EVAL with AUROC >= 0.8;
+  - mitigation: with c1 = 1.25 at guidance 7.5 the memorization rate of MEM_MIT drops (95 %
+    interval of the change below 0) while NEG_MIT outputs keep correlation >= 0.8 with their
+    unmitigated outputs (mean);
+  - caption following: NEG_MIT attribute accuracy above chance on all three attributes;
+  - demo: ``make demo`` (metric E with the bundled calibration file, 16 memorized and 16
+    held-out DEMO captions) prints an AUROC >= 0.85.
+Which model is bundled, fixed in advance: the final checkpoint, unless it meets fewer of these
+verdicts than the earlier checkpoint (then the earlier one); the second model (commit 775dc1e)
+stays the default only if the new one meets none of BOS sink, attention signature, first-step
+Wen and demo.
 """
 
 from __future__ import annotations
@@ -489,44 +512,46 @@ def report(res: dict) -> tuple[dict, str]:
     return summary, "\n".join(lines)
 
 
-def verdicts(res: dict, summary: dict) -> dict:
-    """The verdicts of the protocol, computed from the results with the fixed thresholds."""
-    A = res["attention"]
-    layers = A["neg"]["layers"]
+def verdicts(summary: dict) -> dict:
+    """The protocol's verdicts, computed from the report's summary with the fixed thresholds."""
     out = {}
-    top = summary["memorization_rate"]["7.5"][data.DOSE_GROUPS - 1][0]
+    rate = summary["memorization_rate"]["7.5"]  # per dose group: [rate, r]
+    top = rate[data.DOSE_GROUPS - 1][0]
     neg_rate = summary["mitigation"]["g7.5_none"]["neg_rate"][0]
+    dose = np.mean([rate[3][0], rate[4][0]]) - np.mean([rate[0][0], rate[1][0]])
     out["memorization"] = {
-        "measured": f"top dose group rate at 7.5 = {top:.2f}; NEG_MIT rate = {neg_rate:.2f}",
-        "met": top >= 0.5 and neg_rate <= 0.15,
+        "measured": f"top dose group {top:.2f} at guidance 7.5; NEG_MIT {neg_rate:.2f}; "
+        f"groups 3-4 minus groups 0-1: {dose:+.2f}",
+        "met": top >= 0.6 and neg_rate <= 0.1 and dose >= 0.3,
     }
-    is_max = [float(np.mean(A["neg"]["per_layer"][ly]["bos_is_max"])) > 0.5 for ly in layers]
-    bos_mean = float(np.mean([np.mean(A["neg"]["per_layer"][ly]["bos"]) for ly in layers]))
+    sink = summary["bos_sink"]
     out["BOS sink"] = {
-        "measured": f"BOS the largest position (for most NEG prompts) in {sum(is_max)} of "
-        f"{len(layers)} layers; mean BOS mass {bos_mean:.2f}",
-        "met": sum(is_max) >= 6 and bos_mean >= 0.3,
+        "measured": f"BOS the largest position in {sink['layers_bos_max']} of {sink['layers']} "
+        f"layers; mean BOS mass {sink['mean_mass']:.2f}",
+        "met": sink["layers_bos_max"] >= 8 and sink["mean_mass"] >= 0.5,
     }
-    d = summary["detection"]
-    ly = layers[3]
-    bm = summary["attention_step0"][ly]["bos"]
-    e = d["E"]["auroc"]
-    ctrl = [
-        d[k]["auroc"]
-        for k in ("control: prompt length L", "control: E (layer 3) of the untrained model")
-        if k in d
-    ]
+    det = summary["detection"]
+    cal = summary["calibration"]["layer"]
+    bos = summary["attention_step0"]["eval"][cal]["bos"]
+    e = det["E (calibrated layer)"]
+    ctrl = [det[k]["auroc"][0] for k in CONTROLS if k in det]
     out["attention signature"] = {
-        "measured": f"default layer BOS mass MEM {bm['mem']:.3f} vs NEG {bm['neg']:.3f}; "
-        f"E AUROC {e:.3f} (controls {', '.join(f'{c:.3f}' for c in ctrl)})",
-        "met": bm["mem"] < bm["neg"] and e >= 0.8 and all(e >= c + 0.1 for c in ctrl),
+        "measured": f"calibrated layer {cal}: BOS mass EVAL_POS {bos['pos']:.3f} vs EVAL_NEG "
+        f"{bos['neg']:.3f}; E AUROC {_ci(e['auroc'])} (controls "
+        + ", ".join(f"{c:.3f}" for c in ctrl)
+        + ")",
+        "met": bos["pos"] < bos["neg"]
+        and e["auroc"][0] >= 0.9
+        and len(ctrl) == len(CONTROLS)
+        and all(e["auroc"][0] >= c + 0.1 for c in ctrl),
     }
+    w = det["wen_n1"]["auroc"]
+    out["first-step Wen"] = {"measured": f"Wen n = 1 AUROC {_ci(w)}", "met": w[0] >= 0.8}
     m = summary["mitigation"]["g7.5_c1_1.25"]
     out["mitigation"] = {
-        "measured": f"MEM_MIT change of r with training image {m['mem_delta_corr_train'][0]:.3f} "
-        f"[{m['mem_delta_corr_train'][1]:.3f}, {m['mem_delta_corr_train'][2]:.3f}]; NEG_MIT r with "
-        f"unmitigated {m['neg_corr_vs_plain'][0]:.3f}",
-        "met": m["mem_delta_corr_train"][2] < 0 and m["neg_corr_vs_plain"][0] >= 0.9,
+        "measured": f"MEM_MIT change of memorization rate {_ci(m['mem_delta_rate'])}; NEG_MIT r "
+        f"with unmitigated {_ci(m['neg_corr_vs_plain'])}",
+        "met": m["mem_delta_rate"][2] < 0 and m["neg_corr_vs_plain"][0] >= 0.8,
     }
     acc = summary["mitigation"]["g7.5_none"]["neg_attr_acc"]
     chance = (1 / len(data.FG), 1 / len(data.SHAPES), 1 / len(data.POSITIONS))
@@ -534,7 +559,19 @@ def verdicts(res: dict, summary: dict) -> dict:
         "measured": "colour/shape/position " + "/".join(f"{a:.2f}" for a in acc),
         "met": all(a > c for a, c in zip(acc, chance)),
     }
+    if "demo_auroc" in summary:
+        out["demo"] = {
+            "measured": f"make demo AUROC {summary['demo_auroc']:.3f}",
+            "met": summary["demo_auroc"] >= 0.85,
+        }
     return out
+
+
+CONTROLS = ("control: prompt length L", "control: E of the untrained model (calibrated layer)")
+
+
+def _ci(c: list[float]) -> str:
+    return f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"
 
 
 def main(argv=None) -> None:
