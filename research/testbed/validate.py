@@ -81,7 +81,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +93,20 @@ from bench.machine import describe
 from research.testbed import data
 
 SEED = data.SEED
-N_NEG = 100
+TRAIN = {"batch_size": 32, "p_mem": 0.35, "p_drop": 0.1}  # the run the sets refer to
+N_EVAL_NEG = 200
+CAL_NEG_STEPS = range(0, 6000, 30)
+E_STEPS = 50  # E and Wen read the first step of this schedule (t = 981)
 N_TWINS = 15
 GUIDANCES = (3.0, 5.0, 7.5)
 MIT_CONFIGS = ((7.5, (1.25, 1.5)), (3.0, (1.25,)))
 MEM_SEEDS = 2
 MIT_SEEDS = 16
 GEN_STEPS = 10
+BOOT = 2000
+BATCH = 40
+RESULTS = Path("research/testbed/results/testbed_validation.json")
+PARTS = ("attention", "attention_init", "calibrate", "detect", "generate", "demo")
 ATTR_WORDS = (
     set(data.FG)
     | set(data.SHAPES)
@@ -105,11 +114,30 @@ ATTR_WORDS = (
 )
 
 
-def sets():
-    mem = list(data.memorized_items(SEED))
-    neg = list(data.heldout_items(SEED))[:N_NEG]
-    mem_mit = mem[32:38]
-    return mem, neg, mem_mit, neg[:6]
+def calibration_negatives() -> list[data.Item]:
+    """CAL_NEG: the first captioned negative of training steps 0, 30, ..., 5970."""
+    out = []
+    for step in CAL_NEG_STEPS:
+        plan = data.batch_plan(SEED, step, TRAIN["batch_size"], TRAIN["p_mem"], TRAIN["p_drop"])
+        idx = next(i for kind, i, drop in plan if kind == "negative" and not drop)
+        out.append(data.negative_item(SEED, idx))
+    return out
+
+
+def sets() -> dict[str, list]:
+    """The protocol's sets, each a list of (item, seed): the seed is the item's index in MEM,
+    CAL_NEG or EVAL_NEG."""
+    mem = [(m, m.index) for m in data.memorized_items(SEED)]
+    held = [(h, h.index) for h in data.heldout_items(SEED)]
+    return {
+        "mem": mem,
+        "cal_pos": [(m, s) for m, s in mem if m.dose_group <= 2],
+        "cal_neg": [(n, k) for k, n in enumerate(calibration_negatives())],
+        "eval_pos": [(m, s) for m, s in mem if m.dose_group >= 3],
+        "eval_neg": held[:N_EVAL_NEG],
+        "mem_mit": mem[80:92],
+        "neg_mit": held[:12],
+    }
 
 
 def load(model: str, device: str = "cpu"):
@@ -118,114 +146,142 @@ def load(model: str, device: str = "cpu"):
     return load_pipeline(model, torch.device(device), torch.float32)
 
 
+def _check_training(model: str) -> None:
+    """The sets refer to the stream of the run described by TRAIN: refuse another run's model."""
+    info = json.loads((Path(model) / "training.json").read_text())
+    got = {k: info.get(k) for k in TRAIN}
+    if got != TRAIN:
+        raise SystemExit(f"{model} was trained with {got}; this protocol's sets need {TRAIN}")
+
+
 # -- 1. attention -------------------------------------------------------------------------------
-def attention_part(pipe, mem, neg) -> dict:
+def _step0_record(pipe, prompts, seeds):
     from attnmem.detect import generators
     from attnmem.patching import patch, run_unet_until
     from attnmem.record import RecordSpec
 
+    with patch(pipe, record=RecordSpec(steps=(0,))) as h:
+        run_unet_until(
+            h,
+            None,
+            lambda: pipe(
+                prompts,
+                generator=generators(seeds),
+                num_inference_steps=E_STEPS,
+                guidance_scale=1.0,
+                output_type="latent",
+            ),
+            step=0,
+        )
+        return h.record.to("cpu")
+
+
+def attention_part(pipe, S) -> dict:
     out = {}
-    for name, items in (("mem", mem), ("neg", neg)):
-        prompts = [it.caption for it in items]
-        per = []
-        for b in range(0, len(prompts), 40):
-            chunk = prompts[b : b + 40]
-            with patch(pipe, record=RecordSpec(steps=(0,))) as h:
-                run_unet_until(
-                    h,
-                    None,
-                    lambda chunk=chunk, b=b: pipe(
-                        chunk,
-                        generator=generators(range(b, b + len(chunk))),
-                        num_inference_steps=50,
-                        guidance_scale=1.0,
-                        output_type="latent",
-                    ),
-                    step=0,
-                )
-                rec = h.record.to("cpu")
-            per.append(rec)
-        layers = per[0].order
-        groups = {}
+    for name in ("mem", "cal_neg", "eval_neg"):
+        items = S[name]
+        recs = []
+        for b in range(0, len(items), BATCH):
+            chunk = items[b : b + BATCH]
+            recs.append(_step0_record(pipe, [it.caption for it, _ in chunk], [s for _, s in chunk]))
+        layers = recs[0].order
+        L = torch.cat([r.lengths for r in recs])
+        toks = sum((r.tokens for r in recs), [])
+        per_layer = {}
         for li, layer in enumerate(layers):
-            a = torch.cat([r.mean_attention(steps=0, layers=layer) for r in per])  # (n, 77)
-            ent = torch.cat([r.entropy(steps=0, layers=layer) for r in per])
-            L = torch.cat([r.lengths for r in per])
-            toks = sum((r.tokens for r in per), [])
-            bos, attr, other, eos, summ = [], [], [], [], []
-            bos_is_max = [bool(a[i].argmax() == 0) for i in range(len(a))]
+            a = torch.cat([r.mean_attention(steps=0, layers=layer) for r in recs])  # (n, 77)
+            ent = torch.cat([r.entropy(steps=0, layers=layer) for r in recs])
+            q = {
+                k: [] for k in ("bos", "attribute_tokens", "other_prompt_tokens", "eos", "summary")
+            }
             for i in range(len(a)):
                 Li = int(L[i])
                 is_attr = torch.tensor(
-                    [t.strip().lower() in ATTR_WORDS for t in toks[i][1 : Li - 1]]
+                    [t.strip().lower() in ATTR_WORDS for t in toks[i][1 : Li - 1]], dtype=torch.bool
                 )
                 prompt = a[i, 1 : Li - 1]
-                bos.append(float(a[i, 0]))
-                attr.append(float(prompt[is_attr].sum()) if len(prompt) else 0.0)
-                other.append(float(prompt[~is_attr].sum()) if len(prompt) else 0.0)
-                eos.append(float(a[i, Li - 1]))
-                summ.append(float(a[i, Li:].sum()))
-            groups[layer] = {
+                q["bos"].append(float(a[i, 0]))
+                q["attribute_tokens"].append(float(prompt[is_attr].sum()) if len(prompt) else 0.0)
+                q["other_prompt_tokens"].append(
+                    float(prompt[~is_attr].sum()) if len(prompt) else 0.0
+                )
+                q["eos"].append(float(a[i, Li - 1]))
+                q["summary"].append(float(a[i, Li:].sum()))
+            per_layer[layer] = {
                 "index": li,
                 "entropy": ent.tolist(),
-                "bos": bos,
-                "bos_is_max": bos_is_max,
-                "attribute_tokens": attr,
-                "other_prompt_tokens": other,
-                "eos": eos,
-                "summary": summ,
+                "bos_is_max": [bool(a[i].argmax() == 0) for i in range(len(a))],
+                **q,
             }
-        out[name] = {
-            "layers": layers,
-            "per_layer": groups,
-            "L": torch.cat([r.lengths for r in per]).tolist(),
-        }
-    # top trigger tokens of the memorized prompts at the default E layer (index 3)
-    from attnmem.detect import make_detector
-
-    det = make_detector("E", pipe, num_inference_steps=50)
-    top = mem[-8:]
-    res = det.score_batch([m.caption for m in top], list(range(len(mem) - len(top), len(mem))))
-    out["mem_top_triggers_default_layer"] = [
-        {"prompt": m.caption, "triggers": r["triggers"]} for m, r in zip(top, res)
-    ]
+        out[name] = {"layers": layers, "per_layer": per_layer, "L": L.tolist()}
+    out["mem_dose_group"] = [m.dose_group for m, _ in S["mem"]]
     return out
 
 
-# -- 2. detection -------------------------------------------------------------------------------
-def detect_part(pipe, mem, neg) -> dict:
-    from attnmem.detect import make_detector
+# -- 2. calibration -----------------------------------------------------------------------------
+def calibrate_part(pipe, S, model: str) -> dict:
+    from attnmem.detect import calibrate
 
-    prompts = [it.caption for it in mem + neg]
-    seeds = list(range(len(prompts)))
-    labels = [1] * len(mem) + [0] * len(neg)
+    items = S["cal_pos"] + S["cal_neg"]
+    cal = calibrate(
+        pipe,
+        [it.caption for it, _ in items],
+        [1] * len(S["cal_pos"]) + [0] * len(S["cal_neg"]),
+        seeds=[s for _, s in items],
+        num_inference_steps=E_STEPS,
+        batch_size=BATCH,
+        model=model,
+    )
+    return {"calibration": asdict(cal)}
+
+
+# -- 3. detection -------------------------------------------------------------------------------
+def detector_specs(calibration: Path) -> dict[str, tuple[str, dict]]:
+    """The protocol's detectors: key -> (registry name, options)."""
+    from attnmem.detect import METRICS
+
     specs = {
-        "E": dict(num_inference_steps=50),
-        "D": dict(num_inference_steps=GEN_STEPS, last=2),
-        "wen_n1": ("wen", dict(num_inference_steps=50, n=1)),
-        "wen_n4": ("wen", dict(num_inference_steps=50, n=4)),
+        "E (calibrated layer)": ("E", dict(num_inference_steps=E_STEPS, calibration=calibration)),
+        "E (default layer)": ("E", dict(num_inference_steps=E_STEPS)),
+        "D": ("D", dict(num_inference_steps=GEN_STEPS, last=2)),
+        "wen_n1": ("wen", dict(num_inference_steps=E_STEPS, n=1)),
+        "wen_n4": ("wen", dict(num_inference_steps=E_STEPS, n=4)),
         "carlini_n4": ("carlini", dict(num_inference_steps=GEN_STEPS, n=4)),
     }
+    for name in METRICS:
+        if name not in ("E", "D", "wen", "carlini"):
+            specs[name] = (name, {})  # every further detector, with its documented defaults
+    return specs
+
+
+def detect_part(pipe, S, calibration: Path) -> dict:
+    from attnmem.detect import make_detector
+
+    items = S["eval_pos"] + S["eval_neg"]
+    prompts, seeds = [it.caption for it, _ in items], [s for _, s in items]
     out = {
-        "labels": labels,
-        "dose_group": [m.dose_group for m in mem] + [-1] * len(neg),
+        "labels": [1] * len(S["eval_pos"]) + [0] * len(S["eval_neg"]),
+        "dose_group": [m.dose_group for m, _ in S["eval_pos"]] + [-1] * len(S["eval_neg"]),
         "scores": {},
+        "settings": {},
         "seconds": {},
     }
-    for key, spec in specs.items():
-        metric, opts = (key, spec) if isinstance(spec, dict) else spec
-        det = make_detector(metric, pipe, guidance_scale=7.5, **opts)
+    for key, (metric, opts) in detector_specs(calibration).items():
+        det = make_detector(metric, pipe, **opts)
         t0 = time.time()
         scores = []
-        for b in range(0, len(prompts), 40):
-            scores += [r["score"] for r in det.score_batch(prompts[b : b + 40], seeds[b : b + 40])]
+        for b in range(0, len(prompts), BATCH):
+            scores += [
+                r["score"] for r in det.score_batch(prompts[b : b + BATCH], seeds[b : b + BATCH])
+            ]
         out["scores"][key] = scores
+        out["settings"][key] = json.loads(json.dumps(det.settings(), default=str))
         out["seconds"][key] = round(time.time() - t0, 1)
         print(f"detect {key}: {out['seconds'][key]} s", flush=True)
     return out
 
 
-# -- 3. generation ------------------------------------------------------------------------------
+# -- 4. generation ------------------------------------------------------------------------------
 def _generate(pipe, prompts, seeds, guidance, mitigation=None, batch=64) -> np.ndarray:
     """(len(prompts), 3, 32, 32) in [-1, 1]; prompt i uses seeds[i]."""
     from attnmem.patching import patch
@@ -258,6 +314,7 @@ def _nearest_is_own(gen: np.ndarray, own: np.ndarray, twins: np.ndarray) -> np.n
 
 
 def _expand(items, n_seeds):
+    """Prompt i of ``items`` with seeds 1000 i + j, j < n_seeds (i = the index in ``items``)."""
     prompts = [it.caption for it in items for _ in range(n_seeds)]
     seeds = [1000 * k + j for k in range(len(items)) for j in range(n_seeds)]
     return prompts, seeds
@@ -276,19 +333,21 @@ def _attr_acc(imgs, items, n_seeds):
     return hit  # (n, 3): colour, shape, position
 
 
-def generate_part(pipe, mem, mem_mit, neg_mit) -> dict:
+def generate_part(pipe, S) -> dict:
     from attnmem.mitigate import Mitigation
 
+    mem = [it for it, _ in S["mem"]]
+    mem_mit, neg_mit = [it for it, _ in S["mem_mit"]], [it for it, _ in S["neg_mit"]]
     out = {"mem_all": {}, "mit": {}}
     # a. all memorized items, MEM_SEEDS seeds, plain
-    own4, tw4 = _targets(mem, MEM_SEEDS)
-    p4, s4 = _expand(mem, MEM_SEEDS)
+    own_a, tw_a = _targets(mem, MEM_SEEDS)
+    p_a, s_a = _expand(mem, MEM_SEEDS)
     for g in GUIDANCES:
         t0 = time.time()
-        x = _generate(pipe, p4, s4, g)
+        x = _generate(pipe, p_a, s_a, g)
         out["mem_all"][str(g)] = {
-            "corr": _corr(x, own4).tolist(),
-            "nearest_own": _nearest_is_own(x, own4, tw4).tolist(),
+            "corr": _corr(x, own_a).tolist(),
+            "nearest_own": _nearest_is_own(x, own_a, tw_a).tolist(),
             "dose_group": [it.dose_group for it in mem for _ in range(MEM_SEEDS)],
         }
         print(f"mem_all g={g}: {time.time() - t0:.0f} s", flush=True)
@@ -322,8 +381,32 @@ def generate_part(pipe, mem, mem_mit, neg_mit) -> dict:
     return out
 
 
+# -- 5. the demo --------------------------------------------------------------------------------
+def demo_part(model: str, calibration: Path) -> dict:
+    """What ``make demo`` prints: metric E (calibrated) on the bundled prompt file."""
+    from attnmem.evaluate import auroc
+    from attnmem.scan import ScanOptions, run_scan
+
+    root = Path(__file__).resolve().parents[2] / "attnmem" / "data"
+    labels = [int(x) for x in (root / "testbed_labels.txt").read_text().split()]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "demo.jsonl"
+        run_scan(
+            ScanOptions(
+                prompts=root / "testbed_prompts.txt",
+                out=out,
+                model=model,
+                calibration=calibration,
+                progress=False,
+            )
+        )
+        recs = [json.loads(x) for x in out.read_text().splitlines()]
+    scores = [r["score"] for r in sorted(recs, key=lambda r: r["id"])]
+    return {"scores": scores, "labels": labels, "auroc": auroc(scores, labels)}
+
+
 # -- report -------------------------------------------------------------------------------------
-def _boot_ci(values: np.ndarray, groups: np.ndarray, n: int = 2000) -> list[float]:
+def _boot_ci(values: np.ndarray, groups: np.ndarray, n: int = BOOT) -> list[float]:
     """Mean and 95 % bootstrap interval, resampling whole groups (prompts)."""
     rng = np.random.default_rng(0)
     ug = np.unique(groups)
@@ -336,106 +419,154 @@ def _boot_ci(values: np.ndarray, groups: np.ndarray, n: int = 2000) -> list[floa
     ]
 
 
+def auroc_ci(scores, labels, n: int = BOOT) -> tuple[list[float], float]:
+    """AUROC with its 95 % bootstrap interval (positives and negatives resampled separately)
+    and the bootstrap standard error."""
+    from attnmem.evaluate import auroc
+
+    s, y = np.asarray(scores, float), np.asarray(labels, int)
+    pos, neg = s[y == 1], s[y == 0]
+    rng = np.random.default_rng(0)
+    ones, zeros = np.ones(len(pos), int), np.zeros(len(neg), int)
+    boots = np.array(
+        [
+            auroc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], np.r_[ones, zeros])
+            for _ in range(n)
+        ]
+    )
+    a = auroc(s, y)
+    return [a, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], float(
+        boots.std()
+    )
+
+
+QUANTITIES = ("bos", "attribute_tokens", "other_prompt_tokens", "eos", "summary", "entropy")
+
+
 def report(res: dict) -> tuple[dict, str]:
-    from attnmem.evaluate import auroc, tpr_at_fpr
+    from attnmem.evaluate import tpr_at_fpr
 
     summary: dict = {}
-    lines = []
+    lines: list[str] = []
+    f3 = lambda c: f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"  # noqa: E731
     if "attention" in res:
         A = res["attention"]
         layers = A["mem"]["layers"]
+        dg = np.array(A["mem_dose_group"])
+        split = {"eval": (dg >= 3, "eval_neg"), "cal": (dg <= 2, "cal_neg")}
         summary["attention_step0"] = {}
+        for name, (rows, neg) in split.items():
+            summary["attention_step0"][name] = {
+                ly: {
+                    k: {
+                        "pos": float(np.mean(np.array(A["mem"]["per_layer"][ly][k])[rows])),
+                        "neg": float(np.mean(A[neg]["per_layer"][ly][k])),
+                    }
+                    for k in QUANTITIES
+                }
+                for ly in layers
+            }
+        neg = A["eval_neg"]["per_layer"]
+        summary["bos_sink"] = {
+            "layers": len(layers),
+            "layers_bos_max": sum(float(np.mean(neg[ly]["bos_is_max"])) > 0.5 for ly in layers),
+            "mean_mass": float(np.mean([np.mean(neg[ly]["bos"]) for ly in layers])),
+            "per_layer": [float(np.mean(neg[ly]["bos"])) for ly in layers],
+        }
         lines += [
-            "### Attention at the first step (t = 981), mean over prompts: MEM / NEG",
+            "### Attention at the first step (t = 981), mean over prompts: EVAL_POS / EVAL_NEG",
             "",
-            "| # | layer | BOS | attribute words | other words | EOS | summary (padding) | entropy |",
-            "|---|---|---|---|---|---|---|---|",
+            "| # | layer | BOS | attribute words | other words | EOS | summary (padding) | entropy | BOS largest (EVAL_NEG) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for li, layer in enumerate(layers):
-            row = {}
-            cells = []
-            for k in (
-                "bos",
-                "attribute_tokens",
-                "other_prompt_tokens",
-                "eos",
-                "summary",
-                "entropy",
-            ):
-                m = float(np.mean(A["mem"]["per_layer"][layer][k]))
-                n = float(np.mean(A["neg"]["per_layer"][layer][k]))
-                row[k] = {"mem": m, "neg": n}
-                cells.append(f"{m:.3f} / {n:.3f}")
-            summary["attention_step0"][layer] = row
-            short = layer.replace(".transformer_blocks.0.attn2", "")
-            lines.append(f"| {li} | {short} | " + " | ".join(cells) + " |")
+        for li, ly in enumerate(layers):
+            row = summary["attention_step0"]["eval"][ly]
+            cells = [f"{row[k]['pos']:.3f} / {row[k]['neg']:.3f}" for k in QUANTITIES]
+            short = ly.replace(".transformer_blocks.0.attn2", "")
+            lines.append(
+                f"| {li} | {short} | "
+                + " | ".join(cells)
+                + f" | {np.mean(neg[ly]['bos_is_max']):.2f} |"
+            )
         if "attention_init" in res:
             A0 = res["attention_init"]
-            bos0 = [
-                float(
-                    np.mean(A0["mem"]["per_layer"][ly]["bos"] + A0["neg"]["per_layer"][ly]["bos"])
-                )
-                for ly in layers
+            summary["bos_mass_untrained"] = [
+                float(np.mean(A0["eval_neg"]["per_layer"][ly]["bos"])) for ly in layers
             ]
-            summary["bos_mass_untrained"] = bos0
             lines.append(
-                "\nBOS mass of the untrained (seeded-sink) model, per layer: "
-                + ", ".join(f"{v:.2f}" for v in bos0)
+                "\nBOS mass of the untrained model on EVAL_NEG, per layer: "
+                + ", ".join(f"{v:.2f}" for v in summary["bos_mass_untrained"])
             )
         lines.append("")
-        summary["L"] = {
-            k: [float(np.mean(A[k]["L"])), float(np.std(A[k]["L"]))] for k in ("mem", "neg")
+    if "calibrate" in res:
+        C = res["calibrate"]["calibration"]
+        summary["calibration"] = {
+            "layer": C["layer"],
+            "index": C["layer_index"],
+            "auroc": C["auroc"],
         }
+        lines += [
+            f"### Calibration on CAL ({C['n_memorized']} memorized of dose groups 0-2 vs "
+            f"{C['n_normal']} training negatives): chosen layer {C['layer_index']}, {C['layer']}",
+            "",
+            "| # | layer | AUROC of E on CAL |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {i} | {ly.replace('.transformer_blocks.0.attn2', '')} | {a:.3f} |"
+            for i, (ly, a) in enumerate(C["auroc"].items())
+        ]
+        lines.append("")
     if "detect" in res:
         Dt = res["detect"]
         y = np.array(Dt["labels"])
-        dg = np.array(Dt["dose_group"])
-        det = {}
         scores = dict(Dt["scores"])
         if "attention" in res:
             A = res["attention"]
-            for li, layer in enumerate(A["mem"]["layers"]):
-                scores[f"E_layer{li}"] = (
-                    A["mem"]["per_layer"][layer]["entropy"]
-                    + A["neg"]["per_layer"][layer]["entropy"]
+            pos_rows = np.array(A["mem_dose_group"]) >= 3
+            for li, ly in enumerate(A["mem"]["layers"]):
+                scores[f"E at layer {li} (attention part)"] = (
+                    list(np.array(A["mem"]["per_layer"][ly]["entropy"])[pos_rows])
+                    + A["eval_neg"]["per_layer"][ly]["entropy"]
                 )
-            scores["control: prompt length L"] = A["mem"]["L"] + A["neg"]["L"]
-        if "attention_init" in res:
-            A0 = res["attention_init"]
-            layer = A0["mem"]["layers"][3]
-            scores["control: E (layer 3) of the untrained model"] = (
-                A0["mem"]["per_layer"][layer]["entropy"] + A0["neg"]["per_layer"][layer]["entropy"]
+            scores["control: prompt length L"] = (
+                list(np.array(A["mem"]["L"])[pos_rows]) + A["eval_neg"]["L"]
             )
+            if "attention_init" in res and "calibration" in summary:
+                A0, ly = res["attention_init"], summary["calibration"]["layer"]
+                scores["control: E of the untrained model (calibrated layer)"] = (
+                    list(np.array(A0["mem"]["per_layer"][ly]["entropy"])[pos_rows])
+                    + A0["eval_neg"]["per_layer"][ly]["entropy"]
+                )
+        det = {}
         lines += [
-            "### Detection: 40 memorized vs 100 held-out style-matched negatives",
+            f"### Detection on EVAL: {int(y.sum())} memorized (dose groups 3-4) vs "
+            f"{int((y == 0).sum())} held-out captions",
             "",
-            "| metric | AUROC | TPR@1%FPR (nearest) | TPR@1%FPR (below) | AUROC top-2 dose groups | seconds |",
+            "| detector | AUROC [95 % CI] | SE | TPR@1%FPR (nearest) | TPR@1%FPR (below) | seconds |",
             "|---|---|---|---|---|---|",
         ]
         for key, s in scores.items():
             s = np.asarray(s, float)
-            top = (dg >= data.DOSE_GROUPS - 2) | (y == 0)
+            ci, se = auroc_ci(s, y)
             det[key] = {
-                "auroc": auroc(s, y),
+                "auroc": ci,
+                "se": se,
                 "tpr@1%_nearest": tpr_at_fpr(s, y, 0.01, "nearest"),
                 "tpr@1%_below": tpr_at_fpr(s, y, 0.01, "below"),
-                "auroc_top2_doses": auroc(s[top], y[top]),
-                "auroc_per_dose": [
-                    auroc(s[(dg == g) | (y == 0)], y[(dg == g) | (y == 0)])
-                    for g in range(data.DOSE_GROUPS)
-                ],
+                "seconds": Dt["seconds"].get(key),
             }
             sec = Dt["seconds"].get(key, "")
             lines.append(
-                f"| {key} | {det[key]['auroc']:.3f} | {det[key]['tpr@1%_nearest']:.3f} | "
-                f"{det[key]['tpr@1%_below']:.3f} | {det[key]['auroc_top2_doses']:.3f} | {sec} |"
+                f"| {key} | {f3(ci)} | {se:.3f} | {det[key]['tpr@1%_nearest']:.3f} | "
+                f"{det[key]['tpr@1%_below']:.3f} | {sec} |"
             )
         summary["detection"] = det
         lines.append("")
     if "generate" in res:
         G = res["generate"]
         lines += [
-            f"### Memorization rate by dose group (all 40 memorized, {MEM_SEEDS} seeds; 10 DDIM steps; chance 1/16 = 0.062)",
+            f"### Memorization rate by dose group (all 100 memorized, {MEM_SEEDS} seeds; 10 DDIM steps; chance 1/16 = 0.062)",
             "",
             "| guidance | " + " | ".join(f"dose {g}" for g in range(data.DOSE_GROUPS)) + " |",
             "|---|" + "---|" * data.DOSE_GROUPS,
@@ -455,9 +586,9 @@ def report(res: dict) -> tuple[dict, str]:
         n_mem = G["n_mem_rows"]
         pr = np.array(G["prompt_of_row"])
         lines += [
-            "### Mitigation (6 memorized prompts of the top dose group, 6 held-out negatives, 16 paired seeds, 10 DDIM steps; mean [95 % CI, bootstrap over prompts])",
+            "### Mitigation (12 memorized prompts of the top dose group, 12 held-out captions, 16 paired seeds, 10 DDIM steps; mean [95 % CI, bootstrap over prompts])",
             "",
-            "| guidance | setting | MEM: memorization rate | MEM: corr with training image | NEG: corr with unmitigated | NEG: attribute accuracy (colour/shape/position) |",
+            "| guidance | setting | MEM: memorization rate (change) | MEM: r with training image (change) | NEG: r with unmitigated | NEG: attribute accuracy (colour/shape/position) |",
             "|---|---|---|---|---|---|",
         ]
         summary["mitigation"] = {}
@@ -473,21 +604,19 @@ def report(res: dict) -> tuple[dict, str]:
             }
             if "corr_vs_plain" in rec:
                 cv = np.array(rec["corr_vs_plain"])
-                row["neg_corr_vs_plain"] = _boot_ci(cv[n_mem:], pr[n_mem:])
                 base = G["mit"][key.split("_c1")[0] + "_none"]
-                d = ct[:n_mem] - np.array(base["corr_train"])[:n_mem]
-                row["mem_delta_corr_train"] = _boot_ci(d, pr[:n_mem])
+                row["neg_corr_vs_plain"] = _boot_ci(cv[n_mem:], pr[n_mem:])
+                dr = no[:n_mem] - np.array(base["nearest_own"], float)[:n_mem]
+                row["mem_delta_rate"] = _boot_ci(dr, pr[:n_mem])
+                dc = ct[:n_mem] - np.array(base["corr_train"])[:n_mem]
+                row["mem_delta_corr_train"] = _boot_ci(dc, pr[:n_mem])
             summary["mitigation"][key] = row
             g, setting = key.split("_", 1)
-            f = lambda c: f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"  # noqa: E731
+            delta = lambda k, row=row: f" (Δ {f3(row[k])})" if k in row else ""  # noqa: E731
             lines.append(
-                f"| {g[1:]} | {setting} | {f(row['mem_rate'])} | {f(row['mem_corr_train'])}"
-                + (
-                    f" (Δ {f(row['mem_delta_corr_train'])})"
-                    if "mem_delta_corr_train" in row
-                    else ""
-                )
-                + f" | {f(row['neg_corr_vs_plain']) if 'neg_corr_vs_plain' in row else '1 (itself)'}"
+                f"| {g[1:]} | {setting} | {f3(row['mem_rate'])}{delta('mem_delta_rate')} | "
+                f"{f3(row['mem_corr_train'])}{delta('mem_delta_corr_train')} | "
+                + (f3(row["neg_corr_vs_plain"]) if "neg_corr_vs_plain" in row else "1 (itself)")
                 + f" | {'/'.join(f'{v:.2f}' for v in row['neg_attr_acc'])} |"
             )
         lines.append(
@@ -496,16 +625,19 @@ def report(res: dict) -> tuple[dict, str]:
             + "; chance 0.12/0.33/0.20."
         )
         summary["classifier_on_true_images"] = G["classifier_on_true_images"]
-    if {"attention", "detect", "generate"} <= set(res):
-        v = verdicts(res, summary)
+    if "demo" in res:
+        summary["demo_auroc"] = res["demo"]["auroc"]
+        lines.append(f"\n`make demo` on the bundled prompts: AUROC {res['demo']['auroc']:.3f}")
+    if {"attention", "attention_init", "calibrate", "detect", "generate"} <= set(res):
+        v = verdicts(summary)
         summary["verdicts"] = v
         lines += [
             "",
             "### Verdicts (thresholds fixed in advance)",
             "",
             "| verdict | measured | met |",
+            "|---|---|---|",
         ]
-        lines += ["|---|---|---|"]
         lines += [
             f"| {k} | {r['measured']} | {'yes' if r['met'] else '**no**'} |" for k, r in v.items()
         ]
@@ -577,31 +709,38 @@ def _ci(c: list[float]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="attnmem testbed validation")
     ap.add_argument("--model", default="attnmem/data/testbed")
-    ap.add_argument("--part", required=True, choices=["attention", "detect", "generate", "report"])
     ap.add_argument(
-        "--out", type=Path, default=Path("research/testbed/results/testbed_validation.json")
+        "--part",
+        required=True,
+        choices=["attention", "calibrate", "detect", "generate", "demo", "report"],
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="metric E's calibration file (default: the one the calibrate part wrote next to --out)",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--tag", default="", help="suffix of the part's file (e.g. init: the untrained model)"
+        "--tag", default="", help="suffix of the part's file (init: the untrained model)"
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    mem, neg, mem_mit, neg_mit = sets()
+    calibration = args.calibration or args.out.with_suffix(".calibration.json")
     if args.part == "report":
         res = {}
-        for part in ("attention", "attention_init", "detect", "generate"):
+        for part in PARTS:
             p = args.out.with_suffix(f".{part}.json")
             if p.exists():
                 res[part] = json.loads(p.read_text())
         summary, table = report(res)
         runs = {p: r["machine"] for p, r in res.items() if "machine" in r}
-        if runs:  # who ran each part: machine, torch, commit
-            table += "\n\n" + "\n".join(
-                f"- {p}: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
-                f"torch {m['torch']}, commit {m['commit']}, {m['date']}"
-                for p, m in runs.items()
-            )
+        table += "\n\n" + "\n".join(
+            f"- {p}: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+            f"torch {m['torch']}, commit {m['commit']}, {m['date']}, model {res[p]['model']}"
+            for p, m in runs.items()
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             json.dumps({"protocol": __doc__, "summary": summary, "raw": res}) + "\n"
@@ -609,14 +748,24 @@ def main(argv=None) -> None:
         args.out.with_suffix(".md").write_text(table + "\n")
         print(table)
         return
-    pipe = load(args.model)
+    S = sets()
     t0 = time.time()
-    if args.part == "attention":
-        res = attention_part(pipe, mem, neg)
-    elif args.part == "detect":
-        res = detect_part(pipe, mem, neg)
+    if args.part == "demo":
+        res = demo_part(args.model, calibration)
     else:
-        res = generate_part(pipe, mem, mem_mit, neg_mit)
+        _check_training(args.model)
+        pipe = load(args.model)
+        if args.part == "attention":
+            res = attention_part(pipe, S)
+        elif args.part == "calibrate":
+            res = calibrate_part(pipe, S, args.model)
+            from attnmem.detect import Calibration
+
+            Calibration(**res["calibration"]).save(calibration)
+        elif args.part == "detect":
+            res = detect_part(pipe, S, calibration)
+        else:
+            res = generate_part(pipe, S)
     res["wall_s"] = round(time.time() - t0, 1)
     res["model"] = args.model
     res["torch_threads"] = args.threads
