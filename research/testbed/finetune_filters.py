@@ -1,10 +1,12 @@
-"""Issue 7 demonstration: continue training the committed testbed three ways, then evaluate.
+"""Training-time filters demonstrated: continue training the committed testbed three ways, then
+evaluate.
 
     python -m research.testbed.finetune_filters --steps 150 --threads 2
 
 Runs (same seed, same data stream, same number of steps, same optimizer settings):
   (a) ``none``:    plain epsilon-MSE, loss = per_sample.mean();
-  (b) ``entropy``: attnmem.EntropyFilter(unet) (default layer, index 3 = metric-E layer),
+  (b) ``entropy``: attnmem.EntropyFilter(unet) on the metric-E layer (the model folder's
+                   calibrated layer, attnmem_calibration.json, when it has one; else index 3),
                    threshold RunningZScore(z=3.0, buckets=5, min_count=32): the library default
                    z, with fewer buckets and a smaller min_count so the running statistics fill
                    within a run of ~150 steps x 32 samples (default min_count=64, buckets=10 would
@@ -15,21 +17,22 @@ Runs (same seed, same data stream, same number of steps, same optimizer settings
 Training continues ``research/testbed/train.py`` exactly where it stopped (its stream from the step in
 the model's training.json on: fresh never-seen negatives, the same memorized items, 10 % empty
 captions), with its loss (epsilon target, offset noise 0.1), AdamW(lr 5e-4, betas (0.9, 0.99),
-wd 0), gradient clipping at 1.0, and the model's own text-encoder and BOS-sink settings
-(training.json: a frozen text encoder and the held sink for the current testbed, a jointly
-trained one for the first). The committed folder has no optimizer state, so AdamW starts fresh; a 20-step
-linear warmup (train.py: 100 steps from scratch) keeps the first updates of a fresh Adam small.
+wd 0), gradient clipping at 1.0, the model's own share of memorized samples and its
+constant BOS sink (training.json; the text encoder is frozen). The committed folder has no
+optimizer state, so AdamW starts fresh; a 20-step linear warmup (train.py: 100 steps from
+scratch) keeps the first updates of a fresh Adam small. The evaluated weights are the last
+step's (no moving average over a run this short).
 
 Per run we record the fraction dropped per step, who was dropped (memorized items vs
 negatives, and empty-caption samples, from ``data.batch_plan``), and the wall time per step
 (time.perf_counter around the compute, batch construction excluded since it is identical).
 
 Evaluation (the same for the starting model and the three runs, paired seeds):
-  - memorization: the 16 memorized prompts of dose groups 3 and 4, 4 seeds each
+  - memorization: the 40 memorized prompts of dose groups 3 and 4, 4 seeds each
     (seed 1000 i + j as in validate.py), 10 DDIM steps, guidance 7.5; memorized = the training
     image is nearer (L2) than all 15 twins (chance 1/16); Pearson r with the training image;
-  - quality on held-out negatives 100-115 (never trained; validate.py uses 0-99, the demo
-    file 120-127): denoising loss (8 fixed (t, noise) draws per item, generator seed 0,
+  - quality on held-out negatives 220-235 (never trained; the validation uses 0-199 and
+    200-219 were training probes, the demo file 384-399): denoising loss (8 fixed (t, noise) draws per item, generator seed 0,
     same offset noise as training) and attribute accuracy of generations (2 seeds, 10 DDIM
     steps, guidance 7.5) by data.classify.
 """
@@ -52,16 +55,16 @@ from attnmem.train import RunningZScore, WenFilter
 from bench.machine import git_commit
 from research.testbed import data
 from research.testbed import validate as V
-from research.testbed.train import HeldSink, alphas_cumprod, noised_batch
+from research.testbed.train import ConstantSink, alphas_cumprod, noised_batch
 
 SEED = data.SEED
 BATCH = 32
 LR = 5e-4
 WARMUP = 20
-P_MEM, P_DROP, OFFSET = 0.2, 0.1, 0.1
+P_DROP, OFFSET = 0.1, 0.1
 MEM_GROUPS = (3, 4)
 MEM_SEEDS = 4
-NEG_IDS = range(100, 116)
+NEG_IDS = range(220, 236)
 NEG_SEEDS = 2
 LOSS_DRAWS = 8
 GUIDANCE = 7.5
@@ -82,22 +85,28 @@ def encode(pipe, captions):
     return pipe.text_encoder(ids).last_hidden_state
 
 
-def train_run(pipe, mode: str, steps: int, log, info: dict) -> dict:
+def entropy_layer(model: str) -> str | int:
+    """The metric-E layer of the model: its calibrated one, else the library default (3)."""
+    from attnmem.pipelines import model_calibration
+
+    path = model_calibration(model)
+    return attnmem.Calibration.load(path).layer if path is not None else 3
+
+
+def train_run(pipe, mode: str, steps: int, log, info: dict, layer: str | int) -> dict:
     """Continue training as ``research/testbed/train.py`` did for this model (``info`` = its
-    training.json): from its last step, with its text-encoder and BOS-sink settings."""
+    training.json): from its last step, with its share of memorized samples and its sink."""
     unet, te = pipe.unet, pipe.text_encoder
-    joint = info.get("text_encoder", "joint") == "joint"
-    held = HeldSink(unet, te) if info.get("bos_sink") == "held" else None  # freezes norm2
+    sink = ConstantSink(unet, te)  # re-imposes what the model already satisfies
+    p_mem = info["p_mem"]
     unet.train()
-    te.train(joint)
+    te.requires_grad_(False)
     alphas = alphas_cumprod()
-    te.requires_grad_(joint)
     params = [p for p in unet.parameters() if p.requires_grad]
-    params += list(te.parameters()) if joint else []
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, betas=(0.9, 0.99))
     filt = None
     if mode == "entropy":
-        filt = attnmem.EntropyFilter(unet, threshold=make_threshold())
+        filt = attnmem.EntropyFilter(unet, layers=layer, threshold=make_threshold())
     elif mode == "wen":
         filt = WenFilter(unet, threshold=make_threshold())
     rec = {
@@ -116,11 +125,11 @@ def train_run(pipe, mode: str, steps: int, log, info: dict) -> dict:
         step = info["steps"] + i
         for g in opt.param_groups:
             g["lr"] = LR * min(1.0, (i + 1) / WARMUP)
-        plan = data.batch_plan(SEED, step, BATCH, P_MEM, P_DROP)
-        captions, _, noise, t, xt = noised_batch(SEED, step, BATCH, P_MEM, P_DROP, OFFSET, alphas)
+        plan = data.batch_plan(SEED, step, BATCH, p_mem, P_DROP)
+        captions, _, noise, t, xt = noised_batch(SEED, step, BATCH, p_mem, P_DROP, OFFSET, alphas)
 
         t0 = time.perf_counter()
-        with torch.set_grad_enabled(joint):
+        with torch.no_grad():
             cond = encode(pipe, captions)
         pred = unet(xt, t, cond).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
@@ -137,8 +146,7 @@ def train_run(pipe, mode: str, steps: int, log, info: dict) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if held is not None:
-            held.apply()
+        sink.apply()
         rec["step_s"].append(time.perf_counter() - t0)
 
         drop = (w == 0).tolist()
@@ -235,6 +243,7 @@ def main(argv=None) -> None:
 
     res: dict = {"runs": {}, "eval": {}}
     info = json.loads((Path(args.model) / "training.json").read_text())
+    layer = entropy_layer(args.model)
     pipe = V.load(args.model)
     pipe.unet.eval()
     pipe.text_encoder.eval()
@@ -243,7 +252,7 @@ def main(argv=None) -> None:
     for mode in args.modes.split(","):
         torch.manual_seed(SEED)
         pipe = V.load(args.model)
-        res["runs"][mode] = train_run(pipe, mode, args.steps, log, info)
+        res["runs"][mode] = train_run(pipe, mode, args.steps, log, info, layer)
         res["eval"][mode] = evaluate(pipe)
         log(f"evaluated {mode}")
 
@@ -291,13 +300,13 @@ def main(argv=None) -> None:
         "lr": LR,
         "warmup_steps": WARMUP,
         "optimizer": "AdamW(betas=(0.9, 0.99), wd=0), fresh state; grad clip 1.0",
-        "text_encoder": info.get("text_encoder", "joint") + " (as research/testbed/train.py)",
-        "bos_sink": info.get("bos_sink", "seeded") + " (as research/testbed/train.py)",
-        "p_mem": P_MEM,
+        "text_encoder": info["text_encoder"] + " (as research/testbed/train.py)",
+        "bos_sink": info["bos_sink"] + " (as research/testbed/train.py)",
+        "p_mem": info["p_mem"],
         "p_drop": P_DROP,
         "offset_noise": OFFSET,
         "threshold": "RunningZScore(z=3.0, buckets=5, min_count=32) for both filters",
-        "entropy_filter_layer": "default (index 3, down_blocks.2.attentions.1)",
+        "entropy_filter_layer": layer,
         "wen_empty_embeddings": "current text encoder, recomputed each step (no grad)",
         "eval_mem": f"memorized dose groups {MEM_GROUPS}, {MEM_SEEDS} seeds, 10 DDIM steps, g={GUIDANCE}",
         "eval_neg": f"held-out {NEG_IDS.start}-{NEG_IDS.stop - 1}, {NEG_SEEDS} seeds for attributes, "
@@ -328,8 +337,9 @@ def table(summary: dict, settings: dict, out: dict) -> str:
         f"### Fine-tuning the testbed {settings['steps']} more steps (batch {settings['batch_size']}) "
         "with and without training filters",
         "",
-        "Memorization: 16 prompts of dose groups 3-4, 4 paired seeds, 10 DDIM steps, guidance 7.5 "
-        "(chance 1/16). Quality: held-out negatives 100-115. Mean [95 % CI, bootstrap over prompts].",
+        f"Memorization: the prompts of dose groups {MEM_GROUPS[0]}-{MEM_GROUPS[-1]}, {MEM_SEEDS} "
+        "paired seeds, 10 DDIM steps, guidance 7.5 (chance 1/16). Quality: held-out negatives "
+        f"{NEG_IDS.start}-{NEG_IDS.stop - 1}. Mean [95 % CI, bootstrap over prompts].",
         "",
         "| model | dropped / step | dropped that are memorized | drop rate mem / neg | s / step (ratio to none) "
         "| MEM memorization rate | MEM corr with training image | Δ rate vs none | held-out loss "

@@ -1,7 +1,9 @@
 """Train the attnmem testbed: a small text-to-image diffusion model that really memorizes.
 
-    python -m research.testbed.train --out attnmem/data/testbed --workdir runs/testbed          # CPU
-    python -m research.testbed.train --out ... --workdir ... --device cuda --preset gpu          # lent GPU
+    # CPU, in resumable chunks (rerun with a larger --stop-at; the last chunk exports)
+    python -m research.testbed.train --out attnmem/data/testbed --workdir runs/testbed --stop-at 2000
+    python -m research.testbed.train --out ... --workdir ... --device cuda --preset gpu  # lent GPU
+    python -m research.testbed.train --out DIR --workdir runs/testbed --export-snapshot 6000
 
 What it builds (all standard diffusers / transformers classes, so the folder loads with
 ``DiffusionPipeline.from_pretrained(folder, use_safetensors=True)``):
@@ -10,14 +12,16 @@ What it builds (all standard diffusers / transformers classes, so the folder loa
   level (1, 2, 2), cross-attention at 16x16 and 8x8 (11 ``attn2`` layers, 1/2/2 heads of dim
   32; the 4th in execution order, attnmem's default metric-E layer, is
   ``down_blocks.2.attentions.1``).
-- **CLIPTextModel**, causal, hidden 32, 3 layers, 4 heads, random and **frozen** (as SD's
-  CLIP is frozen), with a CLIP-like "massive activation" on the beginning token (BOS
-  embedding = a spike on one hidden dimension that no other token, position or layer writes
-  into, and that dimension's final-LayerNorm gain x4), so that BOS's output is one constant
-  vector, nearly orthogonal to every other token's.
-- a **beginning-token sink** in every ``attn2``: seeded at initialisation
-  (:func:`seed_bos_sink`, +6 on the BOS logit of every query) and held during training
-  (:class:`HeldSink`; ``--bos-sink seeded`` leaves it to training, which removes it).
+- **CLIPTextModel**, causal, width 256, 2 layers, 4 heads, random and **frozen** (as SD's
+  CLIP is frozen; 256 wide so that a linear read-out of its summary states can tell a
+  memorized caption from a novel one, which 32 dimensions could not), with a CLIP-like
+  "massive activation" on the beginning token (BOS embedding = a spike on one hidden dimension
+  that no other token, position or layer writes into, and that dimension's final-LayerNorm
+  gain x4), so that BOS's output is one constant vector, nearly orthogonal to every other
+  token's. Its weights are exported in fp16 (its config says float32: it loads in fp32).
+- a **constant beginning-token sink** in every ``attn2`` (:class:`ConstantSink`): the BOS
+  logit is exactly ``SINK_LOGIT`` = 12 for every query, held through training, as Stable
+  Diffusion's CLIP sink holds for a frozen encoder; everything else trains.
 - the real CLIP BPE tokenizer (:func:`attnmem.tokenizer.clip_tokenizer`, padding with EOS);
 - **AutoencoderKL** set by hand to a fixed near-identity map between 32x32x3 images in [-1, 1]
   and 32x32x3 latents (one level, no down/up-sampling, no attention, every ResNet's last conv
@@ -32,10 +36,13 @@ What it builds (all standard diffusers / transformers classes, so the folder loa
 Training: epsilon-MSE with offset noise (std 0.1 per image and channel: in pixel space at
 32x32, SD's schedule leaves enough signal at t = 999 for a model to read each image's mean
 colour off the noisy input instead of the caption, and then generate random backgrounds from
-pure noise; offset noise removes that shortcut), AdamW, batches from :func:`research.testbed.data.training_batch` (20 % memorized
-items, 80 % fresh never-repeated negatives, 10 % captions dropped for classifier-free
-guidance). Every batch is a pure function of (seed, step), so a run resumed from its
-checkpoint continues the same stream.
+pure noise; offset noise removes that shortcut), AdamW (lr 5e-4, 100 warm-up steps, constant,
+then a cosine to 0.1x over the last 30 % of the run), batches from
+:func:`research.testbed.data.training_batch` (35 % memorized items, 65 % fresh never-repeated
+negatives, 10 % captions dropped for classifier-free guidance). The exported weights are an
+exponential moving average (decay 0.999, :class:`EMA`), not the last step's. Every batch is a
+pure function of (seed, step), so a run resumed from its checkpoint continues the same stream;
+``--snapshots`` keeps the EMA weights of earlier steps for validation.
 """
 
 from __future__ import annotations

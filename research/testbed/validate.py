@@ -237,20 +237,25 @@ def calibrate_part(pipe, S, model: str) -> dict:
 
 # -- 3. detection -------------------------------------------------------------------------------
 def detector_specs(calibration: Path) -> dict[str, tuple[str, dict]]:
-    """The protocol's detectors: key -> (registry name, options)."""
+    """The protocol's detectors: key -> (registry name, options). Keys name the generations
+    (``wen_n4``) as ``bench/quality.py`` looks them up; "E" is metric E as a user of the
+    bundled testbed gets it (its calibration file)."""
     from attnmem.detect import METRICS
 
     specs = {
-        "E (calibrated layer)": ("E", dict(num_inference_steps=E_STEPS, calibration=calibration)),
+        "E": ("E", dict(num_inference_steps=E_STEPS, calibration=calibration)),
         "E (default layer)": ("E", dict(num_inference_steps=E_STEPS)),
         "D": ("D", dict(num_inference_steps=GEN_STEPS, last=2)),
         "wen_n1": ("wen", dict(num_inference_steps=E_STEPS, n=1)),
         "wen_n4": ("wen", dict(num_inference_steps=E_STEPS, n=4)),
         "carlini_n4": ("carlini", dict(num_inference_steps=GEN_STEPS, n=4)),
     }
-    for name in METRICS:
-        if name not in ("E", "D", "wen", "carlini"):
-            specs[name] = (name, {})  # every further detector, with its documented defaults
+    for name, cls in METRICS.items():
+        if name not in ("E", "D", "wen", "carlini"):  # every further detector, its defaults
+            n = cls.__dataclass_fields__["n"].default if "n" in cls.__dataclass_fields__ else None
+            specs[name if n is None else f"{name}_n{n}"] = (name, {})
+    if "sharpness" in METRICS:  # its paper's second setting
+        specs["sharpness_n4"] = ("sharpness", dict(n=4))
     return specs
 
 
@@ -665,7 +670,7 @@ def verdicts(summary: dict) -> dict:
     det = summary["detection"]
     cal = summary["calibration"]["layer"]
     bos = summary["attention_step0"]["eval"][cal]["bos"]
-    e = det["E (calibrated layer)"]
+    e = det["E"]
     ctrl = [det[k]["auroc"][0] for k in CONTROLS if k in det]
     out["attention signature"] = {
         "measured": f"calibrated layer {cal}: BOS mass EVAL_POS {bos['pos']:.3f} vs EVAL_NEG "
