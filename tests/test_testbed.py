@@ -31,11 +31,19 @@ def test_testbed_folder_is_safetensors_only_and_small():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert {p.parent.name for p in weights} == {"unet", "text_encoder", "vae"}
-    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
 
 
-def test_testbed_loads_offline_and_generates(pipe):
+def test_testbed_loads_offline_in_fp32_and_generates(pipe):
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
+
     from attnmem.testing import describe
+
+    with safe_open(MODEL / "text_encoder" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # stored half
+    plain = DiffusionPipeline.from_pretrained(str(MODEL), use_safetensors=True)
+    assert plain.text_encoder.dtype == plain.unet.dtype == torch.float32  # loads in fp32
 
     layers = describe(pipe)
     assert len(layers) == 11
@@ -61,13 +69,20 @@ def test_testbed_vae_is_identity(pipe):
     assert (y - x).abs().max() < 1e-4
 
 
-def test_testbed_metric_e_runs(pipe):
-    from attnmem.detect import make_detector
+def test_testbed_ships_its_calibration_and_scan_uses_it(pipe):
+    from attnmem.detect import CALIBRATION_FILE, Calibration, make_detector
+    from attnmem.pipelines import model_calibration
+    from attnmem.testing import describe
 
-    det = make_detector("E", pipe, num_inference_steps=50)
+    path = model_calibration("testbed")
+    assert path == MODEL / CALIBRATION_FILE
+    cal = Calibration.load(path)
+    names = [layer.name for layer in describe(pipe)]
+    assert list(cal.auroc) == names and names[cal.layer_index] == cal.layer
+    det = make_detector("E", pipe, calibration=path)
     res = det.score_batch([m.caption for m in data.memorized_items()[:2]], [0, 1])
     assert len(res) == 2 and all(np.isfinite(r["score"]) for r in res)
-    assert len(res[0]["attention"]) == 77
+    assert len(res[0]["attention"]) == 77 and det.settings()["layer"] == cal.layer
 
 
 def test_bundled_prompts_match_the_dataset():
@@ -91,7 +106,8 @@ def test_data_is_deterministic_and_groups_are_disjoint():
     assert not np.array_equal(a[1], c[1])
     mem = {m.caption for m in data.memorized_items()}
     held = {h.caption for h in data.heldout_items()}
-    assert len(mem) == 40 and len(held) == data.N_HELDOUT and not mem & held
+    assert len(mem) == 100 and len(held) == data.N_HELDOUT and not mem & held
+    assert [sum(m.dose_group == g for m in data.memorized_items()) for g in range(5)] == [20] * 5
     negs = {data.negative_item(data.SEED, i).caption for i in range(300)}
     assert not negs & (mem | held)
     assert len(negs) == 300  # every training negative is unique
@@ -119,51 +135,130 @@ def test_backgrounds_are_details_not_caption():
     assert (diff.sum((1, 2)) / outside.sum() > 0.1).all()
 
 
-def test_held_sink_keeps_the_bos_key_and_query_component(tmp_path):
+def _bos_logits(unet, te, ids, x, t):
+    """Every attn2's pre-softmax logits of key 0, from its own to_q / to_k on norm2's output
+    (hooks on the modules, independent of the sink code): a list of (B, heads, Nq) tensors."""
+    out, hooks = [], []
+    with torch.no_grad():
+        cond = te(ids).last_hidden_state
+    for block in unet.modules():
+        if getattr(block, "attn2", None) is None or not hasattr(block, "norm2"):
+            continue
+        attn = block.attn2
+
+        def hook(mod, args, kwargs, attn=attn):
+            q = attn.to_q(args[0])
+            k = attn.to_k(kwargs["encoder_hidden_states"][:, :1])
+            d = q.shape[-1] // attn.heads
+            q = q.view(*q.shape[:2], attn.heads, d)
+            k = k.view(k.shape[0], attn.heads, d)
+            out.append(torch.einsum("bnhd,bhd->bhn", q, k) * d**-0.5)
+
+        hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        unet(x, t, cond)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_constant_sink_holds_the_bos_logit_for_every_query_through_training():
     from research.testbed import train
 
     torch.manual_seed(0)
-    unet, te = train.build_unet(), train.build_text_encoder()
-    train.seed_bos_sink(unet, te)
-    held = train.HeldSink(unet, te)
-    before = [attn.to_k.weight.detach().clone() for attn, *_ in held.items]
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-2)
+    unet, te = train.build_unet(), train.build_text_encoder().eval()
+    sink = train.ConstantSink(unet, te)
     ids = torch.randint(0, 49407, (2, 77))
     ids[:, 0] = train.BOS_ID
+    probe = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-2)
     for _ in range(3):
         cond = te(ids).last_hidden_state
         loss = unet(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), cond).sample.square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        held.apply()
-    for (attn, u, k0, khat, r0, d), wk in zip(held.items, before):
-        assert not torch.allclose(attn.to_k.weight, wk)  # the other directions train
-        assert torch.allclose(attn.to_k.weight @ u, k0, atol=1e-5)
-        for i in range(attn.heads):
-            assert torch.allclose(khat[i] @ attn.to_q.weight[i * d : (i + 1) * d], r0[i], atol=1e-5)
+        sink.apply()
+    logits = _bos_logits(unet, te, ids, *probe)
+    assert len(logits) == 11
+    for lg in logits:  # exactly the constant, for every image, head and query
+        torch.testing.assert_close(lg, torch.full_like(lg, train.SINK_LOGIT), atol=1e-4, rtol=0)
+    changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("to_k" in k for k in changed) and any("to_q" in k for k in changed)
+    # a model that already satisfies the constraints is left as it is
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    train.ConstantSink(unet, te)
+    for k, v in unet.state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=1e-5, rtol=1e-5)
     # the spike dimension is BOS's alone: other tokens' outputs barely overlap with BOS's
-    h = te(ids).last_hidden_state[0]
-    u = held.items[0][1]
+    with torch.no_grad():
+        h = te(ids).last_hidden_state[0]
+    u = h[0] / h[0].norm()
     assert float((h[1:] @ u).abs().max()) < 0.5 * float(h[1:].norm(dim=1).min())
 
 
-def test_train_smoke_and_resume(tmp_path):
+def test_ema_and_learning_rate_schedule():
+    from research.testbed import train
+
+    lin = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(lin.weight)
+    ema = train.EMA(lin, decay=0.5)
+    expect = torch.zeros(1, 2)
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            lin.weight.fill_(value)
+        ema.update(lin)
+        d = min(0.5, (1 + ema.updates) / (10 + ema.updates))
+        expect = d * expect + (1 - d) * value
+    out = torch.nn.Linear(2, 1, bias=False)
+    ema.copy_to(out)
+    torch.testing.assert_close(out.weight, expect)
+    lr = [train.learning_rate(s, 1000, 1.0, warmup=10) for s in range(1000)]
+    assert lr[0] == 0.1 and lr[9] == 1.0 and lr[699] == 1.0  # warm-up, then constant
+    assert lr[700] == 1.0 and 0.1 < lr[850] < 1.0 and abs(lr[999] - 0.1) < 1e-4  # cosine
+    assert all(a >= b for a, b in zip(lr[700:], lr[701:]))
+
+
+def test_text_cache_equals_encoding_each_caption():
+    from attnmem.tokenizer import clip_tokenizer
+    from research.testbed import train
+
+    torch.manual_seed(0)
+    te, tok = train.build_text_encoder().eval(), clip_tokenizer("sd1")
+    cache = train.TextCache(te, tok, ["", "a red circle"])
+    caps = ["a blue square", "", "a red circle", "a blue square"]
+    got = cache(caps)
+    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = te(ids.input_ids).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_train_smoke_resume_in_chunks_and_snapshots(tmp_path):
+    from diffusers import DiffusionPipeline
+
     from research.testbed import train
 
     out, work = tmp_path / "model", tmp_path / "work"
     common = ["--out", str(out), "--workdir", str(work), "--batch-size", "2", "--threads", "1"]
-    train.main(["--steps", "3", *common])
+    common += ["--steps", "4", "--snapshots", "2"]
+    train.main([*common, "--stop-at", "3"])
     assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 3
-    info = json.loads((out / "training.json").read_text())
-    assert info["steps"] == 3 and len(info["memorized_exposures"]) == 40
-    from diffusers import DiffusionPipeline
-
-    p = DiffusionPipeline.from_pretrained(str(out), use_safetensors=True)
-    assert p.unet.config.sample_size == 32
-    train.main(["--steps", "4", *common])  # resumes at step 3
+    assert (work / "ema_2.pt").exists() and not out.exists()  # a chunk does not export
+    train.main(common)  # resumes at step 3, exports the EMA weights
     state = torch.load(work / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 4 and len(state["losses"]) == 4
+    assert state["step"] == 4 and len(state["losses"]) == 4 and state["ema"]["updates"] == 4
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 4 and len(info["memorized_exposures"]) == 100
+    p = DiffusionPipeline.from_pretrained(str(out), use_safetensors=True)
+    assert p.unet.config.sample_size == 32 and p.text_encoder.dtype == torch.float32
+    shadow = state["ema"]["shadow"]
+    for k, v in p.unet.state_dict().items():
+        torch.testing.assert_close(v, shadow[k])  # the exported weights are the EMA's
+    train.main([*common, "--export-snapshot", "2", "--out", str(tmp_path / "snap")])
+    snap = json.loads((tmp_path / "snap" / "training.json").read_text())
+    assert snap["steps"] == 2 and snap["snapshot_of_run"] == 4
 
 
 def test_validation_verdicts_apply_the_fixed_thresholds(tmp_path):
@@ -172,53 +267,97 @@ def test_validation_verdicts_apply_the_fixed_thresholds(tmp_path):
     from research.testbed import validate
 
     committed = json.loads(VALIDATION.read_text())
-    raw = committed["raw"]
-    summary, _ = validate.report(raw)
+    summary, _ = validate.report(committed["raw"])
     assert summary["verdicts"] == committed["summary"]["verdicts"]  # the report reproduces
 
-    def met(res, s):
-        return {k: v["met"] for k, v in validate.verdicts(res, s).items()}
+    def met(s):
+        return {k: v["met"] for k, v in validate.verdicts(s).items()}
 
     s = copy.deepcopy(summary)
-    s["memorization_rate"]["7.5"][-1][0] = 0.5
-    s["mitigation"]["g7.5_none"]["neg_rate"][0] = 0.15
-    assert met(raw, s)["memorization"]  # both bounds inclusive
-    s["memorization_rate"]["7.5"][-1][0] = 0.49
-    assert not met(raw, s)["memorization"]
-
-    res = copy.deepcopy(raw)
-    layers = res["attention"]["neg"]["layers"]
-    for k, ly in enumerate(layers):  # BOS the largest in 6 of 11 layers, mean mass 0.31
-        per = res["attention"]["neg"]["per_layer"][ly]
-        n = len(per["bos"])
-        per["bos"], per["bos_is_max"] = [0.31] * n, [k < 6] * n
-    assert met(res, summary)["BOS sink"]
-    res["attention"]["neg"]["per_layer"][layers[0]]["bos_is_max"] = [False] * n
-    assert not met(res, summary)["BOS sink"]
+    rate = s["memorization_rate"]["7.5"]
+    for g, r in enumerate((0.1, 0.2, 0.4, 0.5, 0.6)):
+        rate[g][0] = r
+    s["mitigation"]["g7.5_none"]["neg_rate"][0] = 0.1
+    assert met(s)["memorization"]  # 0.6 top, 0.1 held-out, 0.55 - 0.15 = 0.4: bounds inclusive
+    rate[4][0] = 0.59
+    assert not met(s)["memorization"]
+    rate[4][0], rate[3][0], rate[0][0] = 0.6, 0.3, 0.15  # dose response 0.45 - 0.175 < 0.3
+    assert not met(s)["memorization"]
 
     s = copy.deepcopy(summary)
-    s["detection"]["E"]["auroc"] = 0.9
-    s["attention_step0"][layers[3]]["bos"] = {"mem": 0.2, "neg": 0.5}
-    assert met(raw, s)["attention signature"]
-    s["detection"]["control: prompt length L"]["auroc"] = 0.85  # E not 0.1 above a control
-    assert not met(raw, s)["attention signature"]
+    s["bos_sink"].update(layers_bos_max=8, mean_mass=0.5)
+    assert met(s)["BOS sink"]
+    s["bos_sink"]["layers_bos_max"] = 7
+    assert not met(s)["BOS sink"]
 
     s = copy.deepcopy(summary)
-    s["mitigation"]["g7.5_c1_1.25"]["neg_corr_vs_plain"][0] = 0.95
-    assert met(raw, s)["mitigation"]  # the committed CI is below 0
-    s["mitigation"]["g7.5_c1_1.25"]["mem_delta_corr_train"][2] = 0.01
-    assert not met(raw, s)["mitigation"]
+    cal = s["calibration"]["layer"]
+    s["attention_step0"]["eval"][cal]["bos"] = {"pos": 0.2, "neg": 0.5}
+    s["detection"]["E"]["auroc"] = [0.9, 0.85, 0.95]
+    for k in validate.CONTROLS:
+        s["detection"][k]["auroc"] = [0.8, 0.7, 0.9]
+    assert met(s)["attention signature"]
+    s["detection"][validate.CONTROLS[0]]["auroc"][0] = 0.85  # E not 0.1 above a control
+    assert not met(s)["attention signature"]
+
+    s = copy.deepcopy(summary)
+    s["detection"]["wen_n1"]["auroc"][0] = 0.8
+    assert met(s)["first-step Wen"]
+    s["detection"]["wen_n1"]["auroc"][0] = 0.79
+    assert not met(s)["first-step Wen"]
+
+    s = copy.deepcopy(summary)
+    m = s["mitigation"]["g7.5_c1_1.25"]
+    m["mem_delta_rate"], m["neg_corr_vs_plain"] = [-0.3, -0.5, -0.01], [0.8, 0.7, 0.9]
+    assert met(s)["mitigation"]
+    m["mem_delta_rate"][2] = 0.0  # the interval must lie below 0
+    assert not met(s)["mitigation"]
 
     s = copy.deepcopy(summary)
     s["mitigation"]["g7.5_none"]["neg_attr_acc"] = [0.5, 1 / 3, 0.9]  # shape exactly at chance
-    assert not met(raw, s)["caption following"]
+    assert not met(s)["caption following"]
+
+    s = copy.deepcopy(summary)
+    s["demo_auroc"] = 0.85
+    assert met(s)["demo"]
+    s["demo_auroc"] = 0.84
+    assert not met(s)["demo"]
 
     # bench/quality.py's header names the verdicts that are met and not met
     from bench.quality import quality_lines
 
     header = quality_lines(VALIDATION)[2]
-    assert "Verdicts met: memorization, caption following" in header
-    assert "not met: BOS sink, attention signature, mitigation" in header
+    v = summary["verdicts"]
+    met_names = [k for k, r in v.items() if r["met"]]
+    assert ", ".join(met_names) in header
     path = tmp_path / "v.json"
     path.write_text(json.dumps({"summary": dict(summary, verdicts={})}))
     assert "no verdicts" in quality_lines(path)[2]
+
+
+def test_validation_sets_follow_the_protocol():
+    from research.testbed import validate
+
+    S = validate.sets()
+    sizes = {k: len(v) for k, v in S.items()}
+    assert sizes == {
+        "mem": 100,
+        "cal_pos": 60,
+        "cal_neg": 200,
+        "eval_pos": 40,
+        "eval_neg": 200,
+        "mem_mit": 12,
+        "neg_mit": 12,
+    }
+    caps = {k: {it.caption for it, _ in v} for k, v in S.items()}
+    assert not caps["cal_pos"] & caps["eval_pos"] and not caps["cal_neg"] & caps["eval_neg"]
+    assert not (caps["cal_pos"] | caps["eval_pos"]) & (caps["cal_neg"] | caps["eval_neg"])
+    demo = {p for p, _ in data.demo_prompts()}
+    assert not demo & caps["eval_neg"] and not demo & caps["cal_neg"]
+    # the calibration negatives were in the training stream (captioned) before step 6000
+    seen = set()
+    for step in validate.CAL_NEG_STEPS:
+        for kind, idx, drop in data.batch_plan(data.SEED, step, 32, 0.35, 0.1):
+            if kind == "negative" and not drop:
+                seen.add(data.negative_item(data.SEED, idx).caption)
+    assert caps["cal_neg"] <= seen and max(validate.CAL_NEG_STEPS) < 6000

@@ -322,7 +322,8 @@ class EMA:
         self.shadow = {k: v.float() for k, v in state["shadow"].items()}
 
     def copy_to(self, module) -> None:
-        module.load_state_dict({k: v.to(module.dtype) for k, v in self.shadow.items()})
+        own = module.state_dict()
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})
 
 
 def learning_rate(
