@@ -335,6 +335,24 @@ def test_validation_verdicts_apply_the_fixed_thresholds(tmp_path):
     assert "no verdicts" in quality_lines(path)[2]
 
 
+def test_validation_reports_the_field_mitigators_like_c1():
+    """A field mitigator's generations (key g<guidance>_<spec>) are summarised against the same
+    unmitigated outputs as c1, and bench/quality.py finds them by spec."""
+    import copy
+
+    from research.testbed import validate
+
+    raw = copy.deepcopy(json.loads(VALIDATION.read_text())["raw"])
+    mit = raw["generate"]["mit"]
+    for spec in validate.FIELD_MITIGATORS:
+        assert f"g7.5_{spec}" in mit  # the protocol's generate part ran them
+    mit["g7.5_prompt-opt"] = copy.deepcopy(mit["g7.5_c1_1.25"])
+    summary, table = validate.report(raw)
+    got, ref = summary["mitigation"]["g7.5_prompt-opt"], summary["mitigation"]["g7.5_c1_1.25"]
+    assert got == ref and "mem_delta_rate" in got and "neg_corr_vs_plain" in got
+    assert "| 7.5 | prompt-opt |" in table
+
+
 def test_validation_sets_follow_the_protocol():
     from research.testbed import validate
 

@@ -54,6 +54,12 @@ With 40 vs 200 prompts the standard error of an AUROC is <= 0.05 (about 0.05 at 
       seed (16 seeds): on MEM_MIT the change of the memorization rate and of the correlation
       with the training image; on NEG_MIT the correlation of mitigated with unmitigated outputs
       and the caption-following accuracy. 95 % intervals: bootstrap over prompts (2000, seed 0).
+   d. the field's mitigators at guidance 7.5, measured as in c. (same seeds, paired with the
+      same unmitigated outputs): Jain et al.'s static and dynamic guidance delay
+      (``cfg-delay:mode=static``, ``cfg-delay:mode=dynamic``) and Wen et al.'s prompt-embedding
+      optimisation (``prompt-opt``), each with its documented defaults. (Added to the protocol
+      while the third model trained, before any validation result of it existed; no verdict
+      depends on it.)
 
 Verdicts, thresholds fixed in advance (the model card reports each as met / not met, with its
 interval):
@@ -100,6 +106,7 @@ E_STEPS = 50  # E and Wen read the first step of this schedule (t = 981)
 N_TWINS = 15
 GUIDANCES = (3.0, 5.0, 7.5)
 MIT_CONFIGS = ((7.5, (1.25, 1.5)), (3.0, (1.25,)))
+FIELD_MITIGATORS = ("cfg-delay:mode=static", "cfg-delay:mode=dynamic", "prompt-opt")  # at 7.5
 MEM_SEEDS = 2
 MIT_SEEDS = 16
 GEN_STEPS = 10
@@ -288,7 +295,9 @@ def detect_part(pipe, S, calibration: Path) -> dict:
 
 # -- 4. generation ------------------------------------------------------------------------------
 def _generate(pipe, prompts, seeds, guidance, mitigation=None, batch=64) -> np.ndarray:
-    """(len(prompts), 3, 32, 32) in [-1, 1]; prompt i uses seeds[i]."""
+    """(len(prompts), 3, 32, 32) in [-1, 1]; prompt i uses seeds[i]. ``mitigation``: a
+    ``Mitigation`` or a mitigator spec string (``attnmem.mitigate.apply``)."""
+    from attnmem.mitigate import apply
     from attnmem.patching import patch
 
     imgs = []
@@ -299,6 +308,9 @@ def _generate(pipe, prompts, seeds, guidance, mitigation=None, batch=64) -> np.n
         )
         if mitigation is None:
             x = pipe(prompts[b : b + batch], **kw).images
+        elif isinstance(mitigation, str):
+            with apply(pipe, mitigation):
+                x = pipe(prompts[b : b + batch], **kw).images
         else:
             with patch(pipe, record=False, mitigate=mitigation):
                 x = pipe(prompts[b : b + batch], **kw).images
@@ -363,13 +375,17 @@ def generate_part(pipe, S) -> dict:
     n_mem = len(mem_mit) * MIT_SEEDS
     truth_acc = _attr_acc(np.stack([data.item_image(SEED, it) for it in neg_mit]), neg_mit, 1)
     out["classifier_on_true_images"] = truth_acc.mean(0).tolist()
-    for g, c1s in MIT_CONFIGS:
+    configs = [(g, [None, *(Mitigation(bos_scale=c1) for c1 in c1s)]) for g, c1s in MIT_CONFIGS]
+    configs[0][1].extend(FIELD_MITIGATORS)  # guidance 7.5
+    for g, mits in configs:
         base = None
-        for c1 in (None, *c1s):
+        for mit in mits:
             t0 = time.time()
-            mit = None if c1 is None else Mitigation(bos_scale=c1)
             x = _generate(pipe, prompts, seeds, g, mit)
-            key = f"g{g}_" + ("none" if c1 is None else f"c1_{c1}")
+            setting = (
+                "none" if mit is None else mit if isinstance(mit, str) else f"c1_{mit.bos_scale}"
+            )
+            key = f"g{g}_{setting}"
             rec = {
                 "corr_train": _corr(x, own).tolist(),
                 "nearest_own": _nearest_is_own(x, own, tw).tolist(),
@@ -609,7 +625,7 @@ def report(res: dict) -> tuple[dict, str]:
             }
             if "corr_vs_plain" in rec:
                 cv = np.array(rec["corr_vs_plain"])
-                base = G["mit"][key.split("_c1")[0] + "_none"]
+                base = G["mit"][key.split("_", 1)[0] + "_none"]
                 row["neg_corr_vs_plain"] = _boot_ci(cv[n_mem:], pr[n_mem:])
                 dr = no[:n_mem] - np.array(base["nearest_own"], float)[:n_mem]
                 row["mem_delta_rate"] = _boot_ci(dr, pr[:n_mem])
