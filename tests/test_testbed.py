@@ -353,6 +353,46 @@ def test_validation_reports_the_field_mitigators_like_c1():
     assert "| 7.5 | prompt-opt |" in table
 
 
+def test_validation_detect_part_continues_after_an_interruption(tmp_path, monkeypatch):
+    import attnmem.detect
+    from research.testbed import validate
+
+    S = {k: v[:3] for k, v in validate.sets().items()}
+    keys = list(validate.detector_specs(tmp_path / "cal.json"))
+    calls, fail_at = [], {keys[2]}
+
+    class Fake:
+        def __init__(self, key):
+            self.key = key
+
+        def score_batch(self, prompts, seeds):
+            calls.append(self.key)
+            if self.key in fail_at:
+                raise KeyboardInterrupt
+            return [{"score": float(s)} for s in seeds]
+
+        def settings(self):
+            return {"key": self.key}
+
+    specs = validate.detector_specs(tmp_path / "cal.json")
+    by_spec = {(m, json.dumps(o, default=str)): k for k, (m, o) in specs.items()}
+    monkeypatch.setattr(
+        attnmem.detect,
+        "make_detector",
+        lambda m, pipe, **o: Fake(by_spec[(m, json.dumps(o, default=str))]),
+    )
+    partial = tmp_path / "v.detect.partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        validate.detect_part(None, S, tmp_path / "cal.json", partial, "model-a")
+    assert calls == keys[:3] and list(json.loads(partial.read_text())["scores"]) == keys[:2]
+    calls.clear(), fail_at.clear()
+    out = validate.detect_part(None, S, tmp_path / "cal.json", partial, "model-a")
+    assert calls == keys[2:] and list(out["scores"]) == keys and "partial_of" not in out
+    calls.clear()
+    validate.detect_part(None, S, tmp_path / "cal.json", partial, "model-b")  # another model
+    assert calls == keys
+
+
 def test_validation_sets_follow_the_protocol():
     from research.testbed import validate
 

@@ -266,7 +266,9 @@ def detector_specs(calibration: Path) -> dict[str, tuple[str, dict]]:
     return specs
 
 
-def detect_part(pipe, S, calibration: Path) -> dict:
+def detect_part(pipe, S, calibration: Path, partial: Path | None = None, model: str = "") -> dict:
+    """Every detector on EVAL. With ``partial``, the results so far are written there after each
+    detector, and a rerun after an interruption continues from them (same model and labels)."""
     from attnmem.detect import make_detector
 
     items = S["eval_pos"] + S["eval_neg"]
@@ -278,7 +280,15 @@ def detect_part(pipe, S, calibration: Path) -> dict:
         "settings": {},
         "seconds": {},
     }
+    if partial is not None and partial.exists():
+        done = json.loads(partial.read_text())
+        same = (done.get("partial_of"), done["labels"], done["dose_group"])
+        if same == (model, out["labels"], out["dose_group"]):
+            out = done
+            print(f"detect: continuing after {', '.join(done['scores'])}", flush=True)
     for key, (metric, opts) in detector_specs(calibration).items():
+        if key in out["scores"]:
+            continue
         det = make_detector(metric, pipe, **opts)
         t0 = time.time()
         scores = []
@@ -290,6 +300,9 @@ def detect_part(pipe, S, calibration: Path) -> dict:
         out["settings"][key] = json.loads(json.dumps(det.settings(), default=str))
         out["seconds"][key] = round(time.time() - t0, 1)
         print(f"detect {key}: {out['seconds'][key]} s", flush=True)
+        if partial is not None:
+            partial.write_text(json.dumps({**out, "partial_of": model}) + "\n")
+    out.pop("partial_of", None)
     return out
 
 
@@ -784,7 +797,11 @@ def main(argv=None) -> None:
 
             Calibration(**res["calibration"]).save(calibration)
         elif args.part == "detect":
-            res = detect_part(pipe, S, calibration)
+            partial = args.out.with_suffix(
+                f".detect{'_' + args.tag if args.tag else ''}.partial.json"
+            )
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            res = detect_part(pipe, S, calibration, partial, args.model)
         else:
             res = generate_part(pipe, S)
     res["wall_s"] = round(time.time() - t0, 1)
@@ -794,6 +811,7 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
     args.out.with_suffix(f".{args.part}{tag}.json").write_text(json.dumps(res) + "\n")
+    args.out.with_suffix(f".{args.part}{tag}.partial.json").unlink(missing_ok=True)
     print(f"{args.part}: {res['wall_s']} s", flush=True)
 
 
