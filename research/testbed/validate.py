@@ -730,6 +730,8 @@ def verdicts(summary: dict) -> dict:
             "measured": f"make demo AUROC {summary['demo_auroc']:.3f}",
             "met": summary["demo_auroc"] >= 0.85,
         }
+    for v in out.values():
+        v["met"] = bool(v["met"])  # numpy comparisons give numpy booleans
     return out
 
 
