@@ -423,6 +423,12 @@ def demo_part(model: str, calibration: Path) -> dict:
 
     root = Path(__file__).resolve().parents[2] / "attnmem" / "data"
     labels = [int(x) for x in (root / "testbed_labels.txt").read_text().split()]
+    prompts = (root / "testbed_prompts.txt").read_text().splitlines()
+    if list(zip(prompts, labels)) != data.demo_prompts():
+        raise SystemExit(
+            "attnmem/data/testbed_prompts.txt / testbed_labels.txt are not the DEMO set of "
+            "research/testbed/data.py: run `python -m research.testbed.data` first"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo.jsonl"
         run_scan(
