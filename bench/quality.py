@@ -1,6 +1,7 @@
 """Quality next to speed: detection and mitigation numbers on attnmem's testbed model, read from
-the committed validation (research/testbed/results/testbed_validation.json, written by
-research/testbed/validate.py).
+the committed validation of the bundled checkpoint (research/testbed/results/, written by
+research/testbed/validate.py: ``testbed_validation.json`` for a run's final weights,
+``testbed_validation_step<N>.json`` for the snapshot of step N; :func:`bundled_validation`).
 
 The header states which of the validation's verdicts (fixed before the results; see
 attnmem/data/testbed/README.md) the testbed meets, so the tables are read for what they are.
@@ -19,10 +20,24 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VALIDATION = ROOT / "research" / "testbed" / "results" / "testbed_validation.json"
+RESULTS = ROOT / "research" / "testbed" / "results"
+MODEL = ROOT / "attnmem" / "data" / "testbed"
+
+
+def bundled_validation(model: Path = MODEL) -> Path:
+    """The validation file of the checkpoint the model folder holds: a snapshot's
+    ``training.json`` names the run it was taken from (``snapshot_of_run``)."""
+    info = json.loads((model / "training.json").read_text())
+    if "snapshot_of_run" in info:
+        return RESULTS / f"testbed_validation_step{info['steps']}.json"
+    return RESULTS / "testbed_validation.json"
+
+
+VALIDATION = bundled_validation()
 
 DETECTORS = [
-    ("E", "attnmem metric E (default layer)"),
+    ("E", "attnmem metric E (the model's calibrated layer)"),
+    ("E (default layer)", "attnmem metric E (default layer)"),
     ("D", "attnmem metric D"),
     ("wen_n1", "Wen et al., n = 1"),
     ("wen_n4", "Wen et al., n = 4"),
@@ -36,6 +51,10 @@ def _ci(v: list[float], digits: int = 3) -> str:
 
 def _summary(path: Path = VALIDATION) -> dict | None:
     return json.loads(path.read_text())["summary"] if path.exists() else None
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
 def _mean(v) -> float:
@@ -105,7 +124,7 @@ def mitigation_quality(spec: str, guidance: float = 7.5, path: Path = VALIDATION
 def quality_lines(path: Path = VALIDATION) -> list[str]:
     """Markdown lines of the quality tables, or a line saying the validation is missing."""
     if not path.exists():
-        return [f"(no testbed validation at {path.relative_to(ROOT)}: quality not reported)"]
+        return [f"(no testbed validation at {_shown(path)}: quality not reported)"]
     s = json.loads(path.read_text())["summary"]
     det, mit = s["detection"], s["mitigation"]
     verdicts = s.get("verdicts", {})
@@ -123,7 +142,7 @@ def quality_lines(path: Path = VALIDATION) -> list[str]:
     lines = [
         "#### Quality on the testbed model (memorized vs held-out style-matched prompts)",
         "",
-        f"From `research/testbed/results/testbed_validation.json`. {status}",
+        f"From `{_shown(path)}`. {status}",
         "",
         "| detector | AUROC | TPR@1% FPR (nearest) | TPR@1% FPR (below) |",
         "|---|---:|---:|---:|",

@@ -14,6 +14,7 @@ import torch
 
 from attnmem import cli, scan
 from attnmem.errors import ScanError
+from attnmem.pipelines import model_calibration
 from attnmem.testing import tiny_sd1_pipeline
 
 PROMPTS = [
@@ -107,12 +108,14 @@ def test_scan_end_to_end(tmp_path, prompt_file, loads, capsys):
     assert [r["id"] for r in recs] == list(range(len(NON_BLANK)))  # blank lines do not count
     assert [r["prompt"] for r in recs] == NON_BLANK  # stripped
     assert loads == [("testbed", "cpu", "torch.float32")]  # the default
+    shipped = model_calibration("testbed")  # the bundled model's calibration file is the default
+    layer = json.loads(shipped.read_text())["layer"]
     for r in recs:
         assert set(r) == RECORD_KEYS
         assert r["seed"] == 5 + r["id"]
         assert r["error"] is None and math.isfinite(r["score"])
         assert r["metric"] == "E" and r["model"] == "testbed" and r["dtype"] == "float32"
-        assert r["settings"]["layer"] == 3 and r["settings"]["num_inference_steps"] == 50
+        assert r["settings"]["layer"] == layer and r["settings"]["num_inference_steps"] == 50
         assert len(r["tokens"]) == 77 and len(r["attention"]) == 77
         assert r["tokens"][0] == "<|startoftext|>" and r["tokens"][r["L"] - 1] == "<|endoftext|>"
         assert r["forwards"] == 1 and r["truncated"] is False and r["entropy_steps"] is None

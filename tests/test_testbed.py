@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from bench.quality import RESULTS, VALIDATION, bundled_validation
 from research.testbed import data
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "attnmem" / "data" / "testbed"
-VALIDATION = ROOT / "research" / "testbed" / "results" / "testbed_validation.json"
+# every merged validation (not its part files): the final weights' and each snapshot's
+VALIDATIONS = sorted(p for p in RESULTS.glob("testbed_validation*.json") if "." not in p.stem)
 
 
 @pytest.fixture(scope="module")
@@ -261,14 +263,36 @@ def test_train_smoke_resume_in_chunks_and_snapshots(tmp_path):
     assert snap["steps"] == 2 and snap["snapshot_of_run"] == 4
 
 
+def test_the_bundled_checkpoint_has_its_validation_committed(tmp_path):
+    assert VALIDATION.is_file() and VALIDATION in VALIDATIONS
+    info = json.loads((MODEL / "training.json").read_text())
+    raw = json.loads(VALIDATION.read_text())["raw"]
+    assert all(
+        Path(raw[part]["model"]).name in ("final", f"step{info['steps']}")
+        for part in ("attention", "detect", "generate")
+    )
+    (tmp_path / "training.json").write_text(json.dumps({"steps": 6000, "snapshot_of_run": 10000}))
+    assert bundled_validation(tmp_path).name == "testbed_validation_step6000.json"
+    (tmp_path / "training.json").write_text(json.dumps({"steps": 10000}))
+    assert bundled_validation(tmp_path).name == "testbed_validation.json"
+
+
+@pytest.mark.parametrize("path", VALIDATIONS, ids=lambda p: p.stem)
+def test_committed_verdicts_are_recomputed_from_the_raw_results(path):
+    from research.testbed import validate
+
+    committed = json.loads(path.read_text())
+    summary, table = validate.report(committed["raw"])
+    assert json.loads(json.dumps(summary)) == committed["summary"]  # verdicts included
+    assert path.with_suffix(".md").read_text().startswith(table)
+
+
 def test_validation_verdicts_apply_the_fixed_thresholds(tmp_path):
     import copy
 
     from research.testbed import validate
 
-    committed = json.loads(VALIDATION.read_text())
-    summary, _ = validate.report(committed["raw"])
-    assert summary["verdicts"] == committed["summary"]["verdicts"]  # the report reproduces
+    summary, _ = validate.report(json.loads(VALIDATION.read_text())["raw"])
 
     def met(s):
         return {k: v["met"] for k, v in validate.verdicts(s).items()}
