@@ -670,17 +670,24 @@ def _html(summary: dict[str, Any], pngs: list[Path]) -> str:
 def compare_reports(
     results: list[str | Path], out_dir: str | Path, labels: str | Path, top: int = 10
 ) -> dict[str, Any]:
-    """Several detectors side by side: one report per results file (in ``out_dir/<stem>/``),
-    then ``compare.png`` (every ROC curve on one plot; cost per prompt against AUROC, cost as the
-    records' mean ``seconds`` and UNet passes) and ``compare.json``. Needs labels."""
+    """Several detectors side by side: one report per results file (in ``out_dir/<name>/``,
+    ``<name>`` the file's stem, or ``<parent>-<stem>`` when two files share a stem), then
+    ``compare.png`` (every ROC curve on one plot; cost per prompt against AUROC, cost as the
+    records' mean ``seconds`` and UNet passes) and ``compare.json``. A curve is named by its
+    metric, with the file's name added when two results files have the same metric. Needs
+    labels."""
     from attnmem.evaluate import roc_curve
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in results]
+    stems = [p.stem for p in paths]
+    names = [f"{p.parent.name}-{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    if len(set(names)) < len(names):
+        raise ReportError(f"results files with the same folder and file names: {names}")
     entries = []
-    for path in results:
-        path = Path(path)
-        rep = make_report(path, out_dir / path.stem, labels=labels, top=top)
+    for path, name in zip(paths, names):
+        rep = make_report(path, out_dir / name, labels=labels, top=top)
         ev = rep.summary["evaluation"]
         if ev is None:
             raise ReportError(f"{path}: no ROC (labels of a single class); cannot compare")
@@ -689,6 +696,7 @@ def compare_reports(
         entries.append(
             {
                 "results": str(path),
+                "report": name,
                 "metric": rep.summary["metric"],
                 "settings": rep.summary["settings"],
                 "auroc": ev["auroc"],
@@ -711,8 +719,9 @@ def compare_reports(
     fig = _figure(12.0, 4.8)
     roc_ax, cost_ax = fig.subplots(1, 2)
     roc_ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1)
+    metrics = [e["metric"] for e in entries]
     for e in entries:
-        name = f"{e['metric']} ({Path(e['results']).stem})"
+        name = e["metric"] if metrics.count(e["metric"]) == 1 else f"{e['metric']} ({e['report']})"
         fpr, tpr, _ = roc_curve(e["_scores"], e["_labels"])
         roc_ax.plot(fpr, tpr, lw=2, label=f"{name}: AUROC {e['auroc']:.3f}")
         cost_ax.scatter(e["seconds_per_prompt"], e["auroc"], s=40)

@@ -266,6 +266,16 @@ def test_several_results_files_are_drawn_side_by_side(tmp_path):
     assert (out / "compare.png").stat().st_size > 0 and (out / "a" / "report.html").exists()
     assert cli.main(["report", str(files[0]), str(files[1]), "-o", str(out)]) == 1  # no labels
 
+    # two scans that both wrote results.jsonl: one report folder each, named by their folders
+    same = []
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        same.append(tmp_path / name / "results.jsonl")
+        same[-1].write_text(files[0].read_text(), encoding="utf-8")
+    summary = compare_reports(same, tmp_path / "cmp2", labels)
+    assert [d["report"] for d in summary["detectors"]] == ["x-results", "y-results"]
+    assert all((tmp_path / "cmp2" / d / "report.html").exists() for d in ("x-results", "y-results"))
+
 
 def test_report_into_a_file_is_refused_before_any_work(tmp_path, capsys):
     res = write(tmp_path / "r.jsonl", synth_records())
