@@ -31,14 +31,19 @@ pytest: build
 
 test: lint pytest
 
-# Scans the bundled testbed prompts (8 memorized, 8 held-out) with the default model, attnmem's
-# bundled testbed (attnmem/data/testbed: a 32x32 model trained on synthetic captions, 40 of them
-# memorized), and writes the report. Metric E needs only the first step (early exit).
+# Scans the bundled testbed prompts (16 memorized, 16 held-out) with the default model, attnmem's
+# bundled testbed (attnmem/data/testbed: a 32x32 model trained on synthetic captions, 100 of them
+# memorized), with metric E at the layer of the model's calibration file (first step, early
+# exit), and writes the report; then scans them with Wen et al.'s first-step detector and draws
+# both ROC curves side by side ($(DEMO_OUT)/compare/compare.png).
 DEMO_OUT ?= report/demo
 demo: build
 	rm -rf $(DEMO_OUT)
 	$(PY) -m attnmem scan attnmem/data/testbed_prompts.txt --metric E --out $(DEMO_OUT)/results.jsonl
 	$(PY) -m attnmem report $(DEMO_OUT)/results.jsonl --labels attnmem/data/testbed_labels.txt -o $(DEMO_OUT)
+	$(PY) -m attnmem scan attnmem/data/testbed_prompts.txt --metric wen --out $(DEMO_OUT)/wen/results.jsonl
+	$(PY) -m attnmem report $(DEMO_OUT)/results.jsonl $(DEMO_OUT)/wen/results.jsonl \
+		--labels attnmem/data/testbed_labels.txt -o $(DEMO_OUT)/compare
 
 # Benchmarks (not part of `make test`): op table, then the SD1.x UNet table; both written to
 # bench/results/ with the machine, torch version and commit.
