@@ -417,6 +417,42 @@ def test_validation_detect_part_continues_after_an_interruption(tmp_path, monkey
     assert calls == keys
 
 
+def test_validation_generate_part_continues_after_an_interruption(tmp_path, monkeypatch):
+    from research.testbed import validate
+
+    S = {k: v[:2] for k, v in validate.sets().items()}
+    calls, fail_at = [], [None]
+
+    def fake_generate(pipe, prompts, seeds, guidance, mitigation=None):
+        name = "none" if mitigation is None else str(getattr(mitigation, "bos_scale", mitigation))
+        calls.append((guidance, name))
+        if len(calls) == fail_at[0]:
+            raise KeyboardInterrupt
+        rng = np.random.default_rng([int(guidance * 10), sum(map(ord, name)), *map(int, seeds)])
+        return rng.uniform(-1, 1, (len(prompts), 3, data.SIZE, data.SIZE)).astype(np.float32)
+
+    monkeypatch.setattr(validate, "_generate", fake_generate)
+    full = validate.generate_part(None, S)
+    n_settings = len(full["mem_all"]) + len(full["mit"])
+    assert len(calls) == n_settings  # one generation per setting when nothing is interrupted
+
+    partial = tmp_path / "v.generate.partial.json"
+    stop = len(validate.GUIDANCES) + 3  # inside guidance 7.5's mitigators, after its "none"
+    calls.clear(), fail_at.__setitem__(0, stop)
+    with pytest.raises(KeyboardInterrupt):
+        validate.generate_part(None, S, partial, "model-a")
+    kept = json.loads(partial.read_text())
+    assert len(kept["mem_all"]) + len(kept["mit"]) == stop - 1
+    calls.clear(), fail_at.__setitem__(0, None)
+    out = validate.generate_part(None, S, partial, "model-a")
+    assert calls[0] == (7.5, "none")  # the unmitigated images are regenerated for pairing
+    assert len(calls) == n_settings - (stop - 1) + 1
+    assert json.loads(json.dumps(out)) == json.loads(json.dumps(full))  # same as uninterrupted
+    calls.clear()
+    validate.generate_part(None, S, partial, "model-b")  # another model: from the start
+    assert len(calls) == n_settings
+
+
 def test_validation_sets_follow_the_protocol():
     from research.testbed import validate
 

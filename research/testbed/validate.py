@@ -363,16 +363,35 @@ def _attr_acc(imgs, items, n_seeds):
     return hit  # (n, 3): colour, shape, position
 
 
-def generate_part(pipe, S) -> dict:
+def generate_part(pipe, S, partial: Path | None = None, model: str = "") -> dict:
+    """Memorization, caption following and mitigation. With ``partial``, the results so far
+    are written there after each setting, and a rerun after an interruption continues from them
+    (same model); the unmitigated images a mitigated setting is paired with are regenerated
+    when they are not in memory (same seeds, so the same images)."""
     from attnmem.mitigate import Mitigation
 
     mem = [it for it, _ in S["mem"]]
     mem_mit, neg_mit = [it for it, _ in S["mem_mit"]], [it for it, _ in S["neg_mit"]]
     out = {"mem_all": {}, "mit": {}}
+    if partial is not None and partial.exists():
+        done = json.loads(partial.read_text())
+        if done.get("partial_of") == model:
+            out = {"mem_all": done["mem_all"], "mit": done["mit"]}
+            print(
+                f"generate: continuing after {', '.join([*out['mem_all'], *out['mit']])}",
+                flush=True,
+            )
+
+    def save() -> None:
+        if partial is not None:
+            partial.write_text(json.dumps({**out, "partial_of": model}) + "\n")
+
     # a. all memorized items, MEM_SEEDS seeds, plain
     own_a, tw_a = _targets(mem, MEM_SEEDS)
     p_a, s_a = _expand(mem, MEM_SEEDS)
     for g in GUIDANCES:
+        if str(g) in out["mem_all"]:
+            continue
         t0 = time.time()
         x = _generate(pipe, p_a, s_a, g)
         out["mem_all"][str(g)] = {
@@ -380,6 +399,7 @@ def generate_part(pipe, S) -> dict:
             "nearest_own": _nearest_is_own(x, own_a, tw_a).tolist(),
             "dose_group": [it.dose_group for it in mem for _ in range(MEM_SEEDS)],
         }
+        save()
         print(f"mem_all g={g}: {time.time() - t0:.0f} s", flush=True)
     # b/c. paired mitigation on MEM_MIT and NEG_MIT, MIT_SEEDS seeds
     items = mem_mit + neg_mit
@@ -387,29 +407,34 @@ def generate_part(pipe, S) -> dict:
     own, tw = _targets(items, MIT_SEEDS)
     n_mem = len(mem_mit) * MIT_SEEDS
     truth_acc = _attr_acc(np.stack([data.item_image(SEED, it) for it in neg_mit]), neg_mit, 1)
-    out["classifier_on_true_images"] = truth_acc.mean(0).tolist()
     configs = [(g, [None, *(Mitigation(bos_scale=c1) for c1 in c1s)]) for g, c1s in MIT_CONFIGS]
     configs[0][1].extend(FIELD_MITIGATORS)  # guidance 7.5
     for g, mits in configs:
         base = None
         for mit in mits:
-            t0 = time.time()
-            x = _generate(pipe, prompts, seeds, g, mit)
             setting = (
                 "none" if mit is None else mit if isinstance(mit, str) else f"c1_{mit.bos_scale}"
             )
             key = f"g{g}_{setting}"
+            if key in out["mit"]:
+                continue
+            if mit is not None and base is None:  # the unmitigated images, regenerated
+                base = _generate(pipe, prompts, seeds, g)
+            t0 = time.time()
+            x = _generate(pipe, prompts, seeds, g, mit)
             rec = {
                 "corr_train": _corr(x, own).tolist(),
                 "nearest_own": _nearest_is_own(x, own, tw).tolist(),
                 "attr_hit": _attr_acc(x[n_mem:], neg_mit, MIT_SEEDS).tolist(),
             }
-            if base is None:
+            if mit is None:
                 base = x
             else:
                 rec["corr_vs_plain"] = _corr(x, base).tolist()
             out["mit"][key] = rec
+            save()
             print(f"mit {key}: {time.time() - t0:.0f} s", flush=True)
+    out["classifier_on_true_images"] = truth_acc.mean(0).tolist()
     out["n_mem_rows"] = n_mem
     out["prompt_of_row"] = [k for k in range(len(items)) for _ in range(MIT_SEEDS)]
     return out
@@ -811,7 +836,9 @@ def main(argv=None) -> None:
             partial.parent.mkdir(parents=True, exist_ok=True)
             res = detect_part(pipe, S, calibration, partial, args.model)
         else:
-            res = generate_part(pipe, S)
+            partial = args.out.with_suffix(".generate.partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            res = generate_part(pipe, S, partial, args.model)
     res["wall_s"] = round(time.time() - t0, 1)
     res["model"] = args.model
     res["torch_threads"] = args.threads
