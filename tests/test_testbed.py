@@ -453,6 +453,19 @@ def test_validation_generate_part_continues_after_an_interruption(tmp_path, monk
     assert len(calls) == n_settings
 
 
+def test_validation_partial_files_are_replaced_whole(tmp_path, monkeypatch):
+    import os
+
+    from research.testbed import validate
+
+    path = tmp_path / "v.detect.partial.json"
+    validate._write_partial(path, {"scores": {"E": [1.0]}})
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed between writing and renaming
+        validate._write_partial(path, {"scores": {"E": [1.0], "D": [2.0]}})
+    assert json.loads(path.read_text()) == {"scores": {"E": [1.0]}}  # the previous file, whole
+
+
 def test_validation_sets_follow_the_protocol():
     from research.testbed import validate
 

@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -266,6 +267,14 @@ def detector_specs(calibration: Path) -> dict[str, tuple[str, dict]]:
     return specs
 
 
+def _write_partial(path: Path, obj: dict) -> None:
+    """Write a part's results so far: next to ``path``, then renamed over it, so a run killed
+    mid-write leaves the previous partial file, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
 def detect_part(pipe, S, calibration: Path, partial: Path | None = None, model: str = "") -> dict:
     """Every detector on EVAL. With ``partial``, the results so far are written there after each
     detector, and a rerun after an interruption continues from them (same model and labels)."""
@@ -301,7 +310,7 @@ def detect_part(pipe, S, calibration: Path, partial: Path | None = None, model: 
         out["seconds"][key] = round(time.time() - t0, 1)
         print(f"detect {key}: {out['seconds'][key]} s", flush=True)
         if partial is not None:
-            partial.write_text(json.dumps({**out, "partial_of": model}) + "\n")
+            _write_partial(partial, {**out, "partial_of": model})
     out.pop("partial_of", None)
     return out
 
@@ -384,7 +393,7 @@ def generate_part(pipe, S, partial: Path | None = None, model: str = "") -> dict
 
     def save() -> None:
         if partial is not None:
-            partial.write_text(json.dumps({**out, "partial_of": model}) + "\n")
+            _write_partial(partial, {**out, "partial_of": model})
 
     # a. all memorized items, MEM_SEEDS seeds, plain
     own_a, tw_a = _targets(mem, MEM_SEEDS)
