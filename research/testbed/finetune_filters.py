@@ -50,12 +50,11 @@ import torch
 import torch.nn.functional as F
 
 import attnmem
-from attnmem.tokenizer import CONTEXT_LENGTH
 from attnmem.train import RunningZScore, WenFilter
 from bench.machine import git_commit
 from research.testbed import data
 from research.testbed import validate as V
-from research.testbed.train import ConstantSink, alphas_cumprod, noised_batch
+from research.testbed.train import ConstantSink, alphas_cumprod, encode_captions, noised_batch
 
 SEED = data.SEED
 BATCH = 32
@@ -72,17 +71,6 @@ GUIDANCE = 7.5
 
 def make_threshold():
     return RunningZScore(z=3.0, buckets=5, min_count=32)
-
-
-def encode(pipe, captions):
-    ids = pipe.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=CONTEXT_LENGTH,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids).last_hidden_state
 
 
 def entropy_layer(model: str) -> str | int:
@@ -129,15 +117,13 @@ def train_run(pipe, mode: str, steps: int, log, info: dict, layer: str | int) ->
         captions, _, noise, t, xt = noised_batch(SEED, step, BATCH, p_mem, P_DROP, OFFSET, alphas)
 
         t0 = time.perf_counter()
-        with torch.no_grad():
-            cond = encode(pipe, captions)
+        cond = encode_captions(pipe.text_encoder, pipe.tokenizer, captions)
         pred = unet(xt, t, cond).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         if mode == "entropy":
             w = filt.weights(t)
         elif mode == "wen":
-            with torch.no_grad():
-                empty = encode(pipe, [""])
+            empty = encode_captions(pipe.text_encoder, pipe.tokenizer, [""])
             w = filt.weights(xt, t, pred, empty)
         else:
             w = torch.ones_like(per_sample)
@@ -199,7 +185,7 @@ def evaluate(pipe) -> dict:
     a = alphas[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with torch.no_grad():
-        pred = pipe.unet(xt, t, encode(pipe, caps)).sample
+        pred = pipe.unet(xt, t, encode_captions(pipe.text_encoder, pipe.tokenizer, caps)).sample
     per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
     out["neg_loss_per_item"] = per.view(len(held), LOSS_DRAWS).mean(1).tolist()
     return out

@@ -440,6 +440,19 @@ def export(unet, text_encoder, out: Path, info: dict, losses: list[float]) -> No
         plot_losses(losses, out / "loss.png")
 
 
+@torch.no_grad()
+def encode_captions(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """(len(captions), 77, width) text states of the frozen encoder, padded as SD pads."""
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=CONTEXT_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    return text_encoder(ids).last_hidden_state
+
+
 class TextCache:
     """The frozen encoder's states of captions that repeat (memorized items, the empty
     caption), computed once; fresh negatives are encoded per batch."""
@@ -449,23 +462,12 @@ class TextCache:
         self.cache: dict[str, torch.Tensor] = {}
         for b in range(0, len(repeated), 64):
             chunk = repeated[b : b + 64]
-            for c, h in zip(chunk, self._encode(chunk)):
+            for c, h in zip(chunk, encode_captions(text_encoder, tokenizer, chunk)):
                 self.cache[c] = h
-
-    @torch.no_grad()
-    def _encode(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tok(
-            captions,
-            padding="max_length",
-            max_length=CONTEXT_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.te.device)
-        return self.te(ids).last_hidden_state
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         fresh = sorted({c for c in captions if c not in self.cache})
-        new = dict(zip(fresh, self._encode(fresh))) if fresh else {}
+        new = dict(zip(fresh, encode_captions(self.te, self.tok, fresh))) if fresh else {}
         return torch.stack([self.cache[c] if c in self.cache else new[c] for c in captions])
 
 
