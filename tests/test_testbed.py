@@ -263,6 +263,38 @@ def test_train_smoke_resume_in_chunks_and_snapshots(tmp_path):
     assert snap["steps"] == 2 and snap["snapshot_of_run"] == 4
 
 
+def test_train_continues_from_an_exported_folder(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from attnmem.tokenizer import clip_tokenizer
+    from research.testbed import train
+
+    first = tmp_path / "first"
+    small = ["--batch-size", "2", "--threads", "1", "--snapshots", ""]
+    train.main(["--out", str(first), "--workdir", str(tmp_path / "w1"), "--steps", "2", *small])
+    work, out = tmp_path / "w2", tmp_path / "cont"
+    args = ["--out", str(out), "--workdir", str(work), "--steps", "4", *small]
+    with pytest.raises(ValueError, match="seed"):
+        train.main([*args, "--continue-from", str(first), "--seed", "1"])
+    train.main([*args, "--continue-from", str(first)])
+    state = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and len(state["losses"]) == 2 and state["ema"]["updates"] == 4
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 4 and info["continued_from"]["step"] == 2
+    # the first continued step is step 2's batch on the folder's weights (loss before the update)
+    unet = UNet2DConditionModel.from_pretrained(first / "unet", use_safetensors=True).train()
+    torch.manual_seed(data.SEED)  # the run's text encoder: built after the UNet, seeded
+    train.build_unet()
+    te, tok = train.build_text_encoder().eval(), clip_tokenizer("sd1")
+    captions, _, noise, t, xt = train.noised_batch(
+        data.SEED, 2, 2, 0.35, 0.1, 0.1, train.alphas_cumprod()
+    )
+    with torch.no_grad():
+        pred = unet(xt, t, train.encode_captions(te, tok, captions)).sample
+    expected = float(torch.nn.functional.mse_loss(pred, noise))
+    assert state["losses"][0] == pytest.approx(expected, rel=1e-4)
+
+
 def test_the_bundled_checkpoint_has_its_validation_committed(tmp_path):
     assert VALIDATION.is_file() and VALIDATION in VALIDATIONS
     info = json.loads((MODEL / "training.json").read_text())

@@ -4,6 +4,8 @@
     python -m research.testbed.train --out attnmem/data/testbed --workdir runs/testbed --stop-at 2000
     python -m research.testbed.train --out ... --workdir ... --device cuda --preset gpu  # lent GPU
     python -m research.testbed.train --out DIR --workdir runs/testbed --export-snapshot 6000
+    # a run whose checkpoint was lost: continue from an exported folder of the same run
+    python -m research.testbed.train --out ... --workdir runs/cont --continue-from attnmem/data/testbed
 
 What it builds (all standard diffusers / transformers classes, so the folder loads with
 ``DiffusionPipeline.from_pretrained(folder, use_safetensors=True)``):
@@ -43,6 +45,12 @@ negatives, 10 % captions dropped for classifier-free guidance). The exported wei
 exponential moving average (decay 0.999, :class:`EMA`), not the last step's. Every batch is a
 pure function of (seed, step), so a run resumed from its checkpoint continues the same stream;
 ``--snapshots`` keeps the EMA weights of earlier steps for validation.
+
+``--continue-from FOLDER`` restarts a run from an exported folder of it (when its checkpoint is
+gone): training resumes at the folder's step (its ``training.json``) on the same batches, but
+from the exported EMA weights (as both the trained and the averaged weights) with fresh AdamW
+moments, so it is a continuation, not the original run; ``training.json`` records it
+(``continued_from``) and the loss curve starts at that step.
 """
 
 from __future__ import annotations
@@ -393,7 +401,7 @@ def build_pipeline(unet, text_encoder):
     return pipe
 
 
-def plot_losses(losses: list[float], path: Path) -> None:
+def plot_losses(losses: list[float], path: Path, first_step: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,8 +411,8 @@ def plot_losses(losses: list[float], path: Path) -> None:
     k = max(1, len(x) // 50)
     smooth = np.convolve(x, np.ones(k) / k, mode="valid")
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    ax.plot(np.arange(len(x)), x, lw=0.3, alpha=0.4, label="per step")
-    ax.plot(np.arange(len(smooth)) + k - 1, smooth, lw=1.5, label=f"mean of {k}")
+    ax.plot(np.arange(len(x)) + first_step, x, lw=0.3, alpha=0.4, label="per step")
+    ax.plot(np.arange(len(smooth)) + first_step + k - 1, smooth, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("training step")
     ax.set_ylabel("epsilon MSE")
     ax.set_yscale("log")
@@ -414,7 +422,9 @@ def plot_losses(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-def export(unet, text_encoder, out: Path, info: dict, losses: list[float]) -> None:
+def export(
+    unet, text_encoder, out: Path, info: dict, losses: list[float], first_step: int = 0
+) -> None:
     """Write the diffusers folder: UNet in fp32, the frozen text encoder's weights in fp16
     (its config keeps ``float32``, so it loads in fp32 with or without ``torch_dtype``)."""
     from safetensors.torch import load_file, save_file
@@ -437,7 +447,7 @@ def export(unet, text_encoder, out: Path, info: dict, losses: list[float]) -> No
         tok.write_text(compact, "utf-8")
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     if losses:
-        plot_losses(losses, out / "loss.png")
+        plot_losses(losses, out / "loss.png", first_step)
 
 
 @torch.no_grad()
@@ -471,6 +481,28 @@ class TextCache:
         return torch.stack([self.cache[c] if c in self.cache else new[c] for c in captions])
 
 
+def continue_from(folder: Path, unet, text_encoder, seed: int) -> dict:
+    """Load an exported folder's UNet into ``unet`` (after checking that it is of this run: its
+    seed, and a text encoder equal, to fp16 rounding, to the one this seed builds); returns
+    what ``training.json`` records as ``continued_from``."""
+    from safetensors.torch import load_file
+
+    info = json.loads((folder / "training.json").read_text())
+    if info.get("seed") != seed:
+        raise ValueError(f"{folder} was trained with seed {info.get('seed')}, not {seed}")
+    te = load_file(folder / "text_encoder" / "model.safetensors")
+    for k, v in text_encoder.state_dict().items():
+        if k in te and not torch.equal(te[k].float(), v.half().float()):
+            raise ValueError(f"{folder}: text encoder weight {k} is not the one seed {seed} builds")
+    unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    return {
+        "step": int(info["steps"]),
+        "folder": str(folder),
+        "weights": "the folder's EMA weights (as trained and averaged weights)",
+        "optimizer": "fresh AdamW moments",
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="diffusers folder to write")
@@ -489,6 +521,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="write --out from the workdir's ema_<step>.pt and leave (no training)",
+    )
+    ap.add_argument(
+        "--continue-from",
+        type=Path,
+        default=None,
+        help="exported folder of this run to continue from when the workdir has no checkpoint",
     )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: the device's")
@@ -534,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = args.workdir / "checkpoint.pt"
-    start, losses = 0, []
+    start, losses, continued = 0, [], None
     if args.export_snapshot is not None:
         ema.load_state_dict(torch.load(args.workdir / f"ema_{args.export_snapshot}.pt"))
         ema.copy_to(unet)
@@ -560,8 +598,16 @@ def main(argv: list[str] | None = None) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start, losses = state["step"], state["losses"]
+        continued = state.get("continued_from")
         torch.set_rng_state(state["rng"])
         print(f"resumed from {ckpt} at step {start}", flush=True)
+    elif args.continue_from is not None:
+        continued = continue_from(args.continue_from, unet, text_encoder, args.seed)
+        sink.apply()
+        ema = EMA(unet)
+        ema.updates = start = continued["step"]
+        print(f"continuing from {args.continue_from} at step {start}", flush=True)
+    first_step = continued["step"] if continued else 0
 
     def run_info(step: int, wall: float) -> dict:
         seen, with_caption = data.exposures(args.seed, step, bs, args.p_mem, args.p_drop)
@@ -585,12 +631,13 @@ def main(argv: list[str] | None = None) -> None:
             "unet_params": sum(p.numel() for p in unet.parameters()),
             "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
             "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
+            **({"continued_from": continued} if continued else {}),
             "memorized_exposures": seen.tolist(),
             "memorized_exposures_with_caption": with_caption.tolist(),
             "torch": torch.__version__,
         }
 
-    wall = state["wall_s"] if start else 0.0
+    wall = state["wall_s"] if ckpt.exists() else 0.0
 
     def save(step: int) -> None:
         tmp = ckpt.with_suffix(".tmp")
@@ -603,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
                 "losses": losses,
                 "rng": torch.get_rng_state(),
                 "wall_s": wall,
+                "continued_from": continued,
                 "info": run_info(args.steps, 0.0),
                 "args": {k: str(v) for k, v in vars(args).items()},
             },
@@ -647,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     info = run_info(args.steps, round(wall, 1))
     ema.copy_to(unet)
-    export(unet.float().cpu(), text_encoder.float().cpu(), args.out, info, losses)
+    export(unet.float().cpu(), text_encoder.float().cpu(), args.out, info, losses, first_step)
     print(json.dumps({k: v for k, v in info.items() if "exposures" not in k}), flush=True)
 
 

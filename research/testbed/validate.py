@@ -12,6 +12,10 @@ Each part writes ``<out>.<part>.json``; ``report`` merges them into ``<out>`` (r
 summary and the verdicts, each part naming machine, torch and commit) and ``<out>.md``. Two
 checkpoints of the same run are validated with this whole protocol and both are reported: the
 final EMA weights (step 10 000, the candidate bundled model) and the EMA weights of step 6 000.
+Amendment (after the step-6 000 results, before any result of the final weights): the run's
+training state was lost after step 9 400, so the final weights are those of its continuation from
+the exported step-6 000 EMA weights (``research.testbed.train --continue-from``: steps 6 000-10 000
+on the same batches and learning-rate schedule, fresh AdamW moments). Nothing else changes.
 
 Sets (all from ``research/testbed/data.py``, seed 20240311; no rare "trigger" tokens are added to any
 caption: memorized and novel captions come from one generator and one vocabulary, so nothing but
