@@ -260,7 +260,10 @@ def test_train_smoke_resume_in_chunks_and_snapshots(tmp_path):
         torch.testing.assert_close(v, shadow[k])  # the exported weights are the EMA's
     train.main([*common, "--export-snapshot", "2", "--out", str(tmp_path / "snap")])
     snap = json.loads((tmp_path / "snap" / "training.json").read_text())
-    assert snap["steps"] == 2 and snap["snapshot_of_run"] == 4
+    assert snap["steps"] == 2 and snap["snapshot_of_run"] == 4 and snap["samples"] == 4
+    seen, with_caption = data.exposures(data.SEED, 2, 2, snap["p_mem"], snap["p_drop"])
+    assert snap["memorized_exposures"] == seen.tolist()  # of the snapshot's 2 steps, not 4
+    assert snap["memorized_exposures_with_caption"] == with_caption.tolist()
 
 
 def test_train_continues_from_an_exported_folder(tmp_path):

@@ -577,8 +577,18 @@ def main(argv: list[str] | None = None) -> None:
         ema.load_state_dict(torch.load(args.workdir / f"ema_{args.export_snapshot}.pt"))
         ema.copy_to(unet)
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        # the checkpoint's info describes the whole run: count the snapshot's own stream
+        seen, with_caption = data.exposures(
+            args.seed, args.export_snapshot, bs, args.p_mem, args.p_drop
+        )
         info = dict(
-            state["info"], steps=args.export_snapshot, snapshot_of_run=state["info"]["steps"]
+            state["info"],
+            steps=args.export_snapshot,
+            snapshot_of_run=state["info"]["steps"],
+            samples=args.export_snapshot * bs,
+            wall_s=None,  # not recorded per step
+            memorized_exposures=seen.tolist(),
+            memorized_exposures_with_caption=with_caption.tolist(),
         )
         info["final_loss_mean_last_100"] = float(
             np.mean(state["losses"][: args.export_snapshot][-100:])
