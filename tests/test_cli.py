@@ -55,7 +55,10 @@ RECORD_KEYS = {
 
 @pytest.fixture(scope="module")
 def shared_pipe():
-    return tiny_sd1_pipeline()
+    """The bundled testbed, what the default model name loads (so its shipped calibration fits)."""
+    from attnmem.pipelines import load_pipeline
+
+    return load_pipeline("testbed", torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture
@@ -338,7 +341,7 @@ def test_damaged_output_is_named(tmp_path, prompt_file, loads, capsys):
     assert "line 2: not a JSON record" in capsys.readouterr().err
 
 
-def test_model_argument(tmp_path, shared_pipe, capsys):
+def test_model_argument(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of a cat\n", encoding="utf-8")
     assert run("scan", prompts, "--out", tmp_path / "a.jsonl", "--model", tmp_path / "nowhere") == 1
@@ -348,7 +351,7 @@ def test_model_argument(tmp_path, shared_pipe, capsys):
 
     # A saved pipeline folder loads offline through DiffusionPipeline.from_pretrained.
     folder = tmp_path / "tiny"
-    shared_pipe.save_pretrained(folder, safe_serialization=True)
+    tiny_sd1_pipeline().save_pretrained(folder, safe_serialization=True)
     out = tmp_path / "b.jsonl"
     assert run("scan", prompts, "--out", out, "--model", folder) == 0
     via_folder = read(out)[0]

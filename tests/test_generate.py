@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import attnmem
 from attnmem import cli, generate
@@ -148,8 +149,11 @@ def test_report_shows_the_generated_images_of_the_top_prompts(
     tmp_path, prompt_file, loads, capsys, monkeypatch
 ):
     from attnmem import scan
+    from attnmem.pipelines import load_pipeline
 
-    monkeypatch.setattr(scan, "load_pipeline", lambda *a, **kw: tiny_sd1_pipeline())
+    testbed = load_pipeline("testbed", torch.device("cpu"), torch.float32)
+    # scan's default model is the bundled testbed, whose shipped calibration names its layers
+    monkeypatch.setattr(scan, "load_pipeline", lambda *a, **kw: testbed)
     res, gen = tmp_path / "r.jsonl", tmp_path / "gen"
     assert run("scan", prompt_file, "--out", res, "--steps", STEPS, "-q") == 0
     assert run("generate", prompt_file, "--out", gen, "--steps", STEPS, "-q", "--limit", 2) == 0

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnmem import cli, console, jobs, results, scan
 from attnmem.errors import ScanError
-from attnmem.testing import tiny_sd1_pipeline
+from attnmem.pipelines import load_pipeline
 
 PROMPTS = [f"a photo of prompt number {i}" for i in range(6)]
 
@@ -53,7 +54,8 @@ def run(*argv) -> int:
 
 @pytest.fixture(scope="module")
 def shared_pipe():
-    return tiny_sd1_pipeline()
+    """The bundled testbed, what the default model name loads (so its shipped calibration fits)."""
+    return load_pipeline("testbed", torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture
