@@ -264,6 +264,8 @@ def test_train_smoke_resume_in_chunks_and_snapshots(tmp_path):
     seen, with_caption = data.exposures(data.SEED, 2, 2, snap["p_mem"], snap["p_drop"])
     assert snap["memorized_exposures"] == seen.tolist()  # of the snapshot's 2 steps, not 4
     assert snap["memorized_exposures_with_caption"] == with_caption.tolist()
+    with pytest.raises(SystemExit, match="seed"):  # the snapshot is described by the run's settings
+        train.main([*common, "--export-snapshot", "2", "--out", str(tmp_path / "x"), "--seed", "1"])
 
 
 def test_train_continues_from_an_exported_folder(tmp_path):

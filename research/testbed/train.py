@@ -573,51 +573,6 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = args.workdir / "checkpoint.pt"
     start, losses, continued = 0, [], None
-    if args.export_snapshot is not None:
-        ema.load_state_dict(torch.load(args.workdir / f"ema_{args.export_snapshot}.pt"))
-        ema.copy_to(unet)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        # the checkpoint's info describes the whole run: count the snapshot's own stream
-        seen, with_caption = data.exposures(
-            args.seed, args.export_snapshot, bs, args.p_mem, args.p_drop
-        )
-        info = dict(
-            state["info"],
-            steps=args.export_snapshot,
-            snapshot_of_run=state["info"]["steps"],
-            samples=args.export_snapshot * bs,
-            wall_s=None,  # not recorded per step
-            memorized_exposures=seen.tolist(),
-            memorized_exposures_with_caption=with_caption.tolist(),
-        )
-        info["final_loss_mean_last_100"] = float(
-            np.mean(state["losses"][: args.export_snapshot][-100:])
-        )
-        export(
-            unet.float().cpu(),
-            text_encoder.float().cpu(),
-            args.out,
-            info,
-            state["losses"][: args.export_snapshot],
-        )
-        print(f"exported the EMA weights of step {args.export_snapshot} to {args.out}")
-        return
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start, losses = state["step"], state["losses"]
-        continued = state.get("continued_from")
-        torch.set_rng_state(state["rng"])
-        print(f"resumed from {ckpt} at step {start}", flush=True)
-    elif args.continue_from is not None:
-        continued = continue_from(args.continue_from, unet, text_encoder, args.seed)
-        sink.apply()
-        ema = EMA(unet)
-        ema.updates = start = continued["step"]
-        print(f"continuing from {args.continue_from} at step {start}", flush=True)
-    first_step = continued["step"] if continued else 0
 
     def run_info(step: int, wall: float) -> dict:
         seen, with_caption = data.exposures(args.seed, step, bs, args.p_mem, args.p_drop)
@@ -647,6 +602,39 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
         }
 
+    if args.export_snapshot is not None:
+        n = args.export_snapshot
+        ema.load_state_dict(torch.load(args.workdir / f"ema_{n}.pt"))
+        ema.copy_to(unet)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        keys = ("seed", "batch_size", "lr", "preset", "device", "p_mem", "p_drop", "offset_noise")
+        other = [k for k in keys if state["args"][k] != str(getattr(args, k))]
+        if other:  # the snapshot's training.json is written from these arguments
+            raise SystemExit(f"--export-snapshot: give the run's own {', '.join(other)}")
+        continued = state.get("continued_from")
+        first = continued["step"] if continued else 0
+        losses = state["losses"][: n - first]  # losses[i] is of step first + i
+        info = dict(run_info(n, None), snapshot_of_run=state["run_steps"])  # wall: not per step
+        export(unet.float().cpu(), text_encoder.float().cpu(), args.out, info, losses, first)
+        print(f"exported the EMA weights of step {n} to {args.out}")
+        return
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, losses = state["step"], state["losses"]
+        continued = state.get("continued_from")
+        torch.set_rng_state(state["rng"])
+        print(f"resumed from {ckpt} at step {start}", flush=True)
+    elif args.continue_from is not None:
+        continued = continue_from(args.continue_from, unet, text_encoder, args.seed)
+        sink.apply()
+        ema = EMA(unet)
+        ema.updates = start = continued["step"]
+        print(f"continuing from {args.continue_from} at step {start}", flush=True)
+    first_step = continued["step"] if continued else 0
+
     wall = state["wall_s"] if ckpt.exists() else 0.0
 
     def save(step: int) -> None:
@@ -661,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
                 "rng": torch.get_rng_state(),
                 "wall_s": wall,
                 "continued_from": continued,
-                "info": run_info(args.steps, 0.0),
+                "run_steps": args.steps,
                 "args": {k: str(v) for k, v in vars(args).items()},
             },
             tmp,
