@@ -50,3 +50,12 @@ def pytest_report_header(config) -> list[str]:
         f"attnmem._C: cpu paths {cpu_isas()}, cuda kernel {info.get('cuda')}, "
         f"cuda device {HAS_CUDA}"
     ]
+
+
+@pytest.fixture(scope="module")
+def testbed_pipe():
+    """The bundled testbed pipeline (what the default model name loads, so its shipped
+    calibration file fits it), once per test module, on the CPU in fp32."""
+    from attnmem.pipelines import load_pipeline
+
+    return load_pipeline("testbed", torch.device("cpu"), torch.float32)

@@ -53,22 +53,14 @@ RECORD_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def shared_pipe():
-    """The bundled testbed, what the default model name loads (so its shipped calibration fits)."""
-    from attnmem.pipelines import load_pipeline
-
-    return load_pipeline("testbed", torch.device("cpu"), torch.float32)
-
-
 @pytest.fixture
-def loads(monkeypatch, shared_pipe):
+def loads(monkeypatch, testbed_pipe):
     """Serve the module's pipeline instead of building one per scan; records the requests."""
     calls = []
 
     def load(model, device, dtype, options=None):
         calls.append((model, str(device), str(dtype)))
-        return shared_pipe
+        return testbed_pipe
 
     monkeypatch.setattr(scan, "load_pipeline", load)
     return calls
@@ -153,7 +145,7 @@ def test_scan_other_metrics(tmp_path, prompt_file, loads, metric, extra, forward
 
 
 def test_scan_with_latents_file_or_generators_equals_seeded_scan(
-    tmp_path, prompt_file, loads, shared_pipe
+    tmp_path, prompt_file, loads, testbed_pipe
 ):
     from attnmem.detect import initial_latents
     from attnmem.scan import ScanOptions, run_scan
@@ -162,7 +154,7 @@ def test_scan_with_latents_file_or_generators_equals_seeded_scan(
     assert run("scan", prompt_file, "--out", seeded, "--metric", "wen", "--n", 2, "--seed", 3) == 0
     ref = read(seeded)
     n_prompts = len(NON_BLANK)
-    x, _ = initial_latents(shared_pipe, n_prompts, 2, seeds=range(3, 3 + n_prompts))
+    x, _ = initial_latents(testbed_pipe, n_prompts, 2, seeds=range(3, 3 + n_prompts))
     torch.save(x.view(n_prompts, 2, *x.shape[1:]), tmp_path / "lat.pt")
     by_file = tmp_path / "file.jsonl"
     args = ["--metric", "wen", "--n", 2, "--batch-size", 2, "--latents", tmp_path / "lat.pt"]
@@ -176,13 +168,13 @@ def test_scan_with_latents_file_or_generators_equals_seeded_scan(
     # one generator per prompt id, from Python; never consumed (the batch retry sees the same)
     gens = [torch.Generator().manual_seed(1000 * (3 + i)) for i in range(n_prompts)]
     opts = ScanOptions(prompt_file, tmp_path / "gen.jsonl", metric="wen", n=1, batch_size=3)
-    run_scan(opts, shared_pipe, generator=gens)
+    run_scan(opts, testbed_pipe, generator=gens)
     ref1 = tmp_path / "seeded1.jsonl"
     assert run("scan", prompt_file, "--out", ref1, "--metric", "wen", "--seed", 3) == 0
     for a, b in zip(read(tmp_path / "gen.jsonl"), read(ref1)):
         assert a["noise"] == "generator" and math.isclose(a["score"], b["score"], rel_tol=1e-5)
     with pytest.raises(ScanError, match="do not fit 5 prompts x 1"):
-        run_scan(ScanOptions(prompt_file, tmp_path / "bad.jsonl"), shared_pipe, latents=x)
+        run_scan(ScanOptions(prompt_file, tmp_path / "bad.jsonl"), testbed_pipe, latents=x)
 
 
 def test_option_reaches_the_detector(tmp_path, prompt_file, loads, capsys):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import attnmem
 from attnmem import cli, generate
@@ -146,14 +145,12 @@ def test_output_that_is_a_file_is_refused(tmp_path, prompt_file):
 
 
 def test_report_shows_the_generated_images_of_the_top_prompts(
-    tmp_path, prompt_file, loads, capsys, monkeypatch
+    tmp_path, prompt_file, loads, capsys, monkeypatch, testbed_pipe
 ):
     from attnmem import scan
-    from attnmem.pipelines import load_pipeline
 
-    testbed = load_pipeline("testbed", torch.device("cpu"), torch.float32)
     # scan's default model is the bundled testbed, whose shipped calibration names its layers
-    monkeypatch.setattr(scan, "load_pipeline", lambda *a, **kw: testbed)
+    monkeypatch.setattr(scan, "load_pipeline", lambda *a, **kw: testbed_pipe)
     res, gen = tmp_path / "r.jsonl", tmp_path / "gen"
     assert run("scan", prompt_file, "--out", res, "--steps", STEPS, "-q") == 0
     assert run("generate", prompt_file, "--out", gen, "--steps", STEPS, "-q", "--limit", 2) == 0

@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from attnmem import cli, console, jobs, results, scan
 from attnmem.errors import ScanError
-from attnmem.pipelines import load_pipeline
 
 PROMPTS = [f"a photo of prompt number {i}" for i in range(6)]
 
@@ -52,16 +50,10 @@ def run(*argv) -> int:
     return cli.main([str(a) for a in argv])
 
 
-@pytest.fixture(scope="module")
-def shared_pipe():
-    """The bundled testbed, what the default model name loads (so its shipped calibration fits)."""
-    return load_pipeline("testbed", torch.device("cpu"), torch.float32)
-
-
 @pytest.fixture
-def loads(monkeypatch, shared_pipe):
+def loads(monkeypatch, testbed_pipe):
     monkeypatch.setattr(
-        scan, "load_pipeline", lambda model, device, dtype, options=None: shared_pipe
+        scan, "load_pipeline", lambda model, device, dtype, options=None: testbed_pipe
     )
 
 
